@@ -1,0 +1,1 @@
+"""Executing one step: retries, timeouts, injection."""

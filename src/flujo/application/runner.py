@@ -1,0 +1,554 @@
+"""Flujo: the runner. Starts runs, resumes them by id, and drives their steps.
+
+The way a run flows: load or create the run's state -> for each remaining step, the executor
+runs it (retries, timeout) -> the state manager commits one checkpoint -> hooks -> next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, cast
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypeVar
+
+from flujo.application.core.executor_core import ExecutorCore
+from flujo.application.state_manager import StateManager
+from flujo.domain.events import HookCallable, HookEvent, PostRun, PostStep, PreRun, StepFailure
+from flujo.domain.models import (
+    AppResources,
+    PipelineContext,
+    PipelineResult,
+    StepError,
+    StepResult,
+)
+from flujo.domain.pipeline import Pipeline, PipelineRegistry
+from flujo.domain.step import Step
+from flujo.exceptions import (
+    ConfigurationError,
+    ContextValidationError,
+    CorruptStateError,
+    FlujoSignal,
+    PausedException,
+    PipelineAbortSignal,
+    PipelineMismatchError,
+    PipelineNotFoundError,
+    SerializationError,
+)
+from flujo.state.backends.base import RunHeader, StateBackend, now, validate_run_id
+from flujo.state.models import WorkflowState
+
+__all__ = ["DEFAULT_STATE_FILE", "Flujo"]
+
+logger = logging.getLogger("flujo.runner")
+
+#: The embedded default store, a SQLite file in the working directory.
+DEFAULT_STATE_FILE = "flujo_ops.db"
+
+InT = TypeVar("InT", default=Any)
+OutT = TypeVar("OutT", default=Any)
+CtxT = TypeVar("CtxT", bound=PipelineContext, default=PipelineContext)
+
+
+@dataclass(slots=True)
+class _Run(Generic[CtxT]):
+    """A run being executed: where it starts and what it carries."""
+
+    run_id: str
+    pipeline: Pipeline[Any, Any]
+    context: CtxT
+    data: Any
+    start: int
+    history: list[StepResult]
+    manager: StateManager | None
+    resumed: bool
+
+
+class Flujo(Generic[InT, OutT, CtxT]):
+    """Runs a pipeline durably: a checkpoint after every step, resumable by ``run_id``.
+
+    >>> from flujo import Flujo, step
+    >>> @step
+    ... async def add_one(x: int) -> int:
+    ...     return x + 1
+    >>> runner = Flujo(add_one >> add_one, persist_state=False)
+    >>> runner.run(1).output
+    3
+
+    With ``state_backend`` unset, runs are stored in ``flujo_ops.db`` (SQLite) in the working
+    directory; ``persist_state=False`` runs with no store at all. Pass either a ``pipeline``
+    (or a single step), or a ``registry`` with a ``pipeline_name`` (and ``pipeline_version``,
+    ``"latest"`` by default).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline[InT, OutT] | Step[InT, OutT] | None = None,
+        *,
+        context_model: type[CtxT] | None = None,
+        initial_context_data: Mapping[str, Any] | None = None,
+        resources: AppResources | None = None,
+        hooks: Sequence[HookCallable] | None = None,
+        state_backend: StateBackend | None = None,
+        delete_on_completion: bool = False,
+        registry: PipelineRegistry | None = None,
+        pipeline_name: str | None = None,
+        pipeline_version: str = "latest",
+        pipeline_id: str | None = None,
+        persist_state: bool = True,
+    ) -> None:
+        self._pipeline = None if pipeline is None else Pipeline.coerce(pipeline)
+        if self._pipeline is None and (registry is None or not pipeline_name):
+            raise ConfigurationError(
+                "Flujo needs a pipeline, or a registry together with a pipeline_name"
+            )
+        if context_model is not None and not (
+            isinstance(context_model, type) and issubclass(context_model, PipelineContext)
+        ):
+            raise ConfigurationError(
+                f"context_model must be a PipelineContext subclass, got {context_model!r}"
+            )
+        if resources is not None and not isinstance(resources, AppResources):
+            raise ConfigurationError(
+                f"resources must be an AppResources instance, got {type(resources).__name__}"
+            )
+        if state_backend is not None and not persist_state:
+            raise ConfigurationError("persist_state=False cannot be combined with a state_backend")
+        if state_backend is not None and not isinstance(state_backend, StateBackend):
+            raise ConfigurationError(
+                f"state_backend must be a StateBackend, got {type(state_backend).__name__}"
+            )
+        self.context_model: type[CtxT] = cast(type[CtxT], context_model or PipelineContext)
+        self.initial_context_data: dict[str, Any] = dict(initial_context_data or {})
+        self.resources = resources
+        self.hooks: list[HookCallable] = list(hooks or [])
+        self.delete_on_completion = delete_on_completion
+        self.registry = registry
+        self.pipeline_name = pipeline_name or "default"
+        self.pipeline_version = pipeline_version
+        self.pipeline_id = pipeline_id or self.pipeline_name
+        self.persist_state = persist_state
+        if persist_state and state_backend is None:
+            from flujo.state.backends.sqlite import SQLiteBackend  # noqa: PLC0415
+
+            state_backend = SQLiteBackend(Path.cwd() / DEFAULT_STATE_FILE)
+        self.state_backend: StateBackend | None = state_backend
+        self._executor = ExecutorCore()
+
+    @property
+    def pipeline(self) -> Pipeline[InT, OutT] | None:
+        """The pipeline new runs use when one was given (else it comes from the registry)."""
+        return self._pipeline
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        initial_input: InT,
+        *,
+        run_id: str | None = None,
+        initial_context_data: Mapping[str, Any] | None = None,
+    ) -> PipelineResult[OutT, CtxT]:
+        """Run (or resume, given the ``run_id`` of a stored run) to the end, synchronously.
+
+        Cannot be called from a running event loop: use :meth:`run_async` there.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(
+                self.run_async(
+                    initial_input, run_id=run_id, initial_context_data=initial_context_data
+                )
+            )
+        raise ConfigurationError(
+            "Flujo.run() cannot be called from a running event loop; "
+            "use `await runner.run_async(...)` instead"
+        )
+
+    async def run_async(
+        self,
+        initial_input: InT,
+        *,
+        run_id: str | None = None,
+        initial_context_data: Mapping[str, Any] | None = None,
+    ) -> PipelineResult[OutT, CtxT]:
+        """Run (or resume) to the end and return the result.
+
+        With ``run_id`` of a stored run: a completed (or cancelled, or paused) run returns its
+        stored result and nothing runs; a running or failed run continues after its last
+        checkpoint, with its stored context and last output (``initial_input`` and
+        ``initial_context_data`` are then ignored). An unknown ``run_id`` starts a new run
+        under that id.
+        """
+        result: Any = None
+        async for item in self._drive(initial_input, run_id, initial_context_data):
+            result = item
+        return cast(PipelineResult[OutT, CtxT], result)
+
+    async def run_result_async(
+        self,
+        initial_input: InT,
+        *,
+        run_id: str | None = None,
+        initial_context_data: Mapping[str, Any] | None = None,
+    ) -> PipelineResult[OutT, CtxT]:
+        """Same as :meth:`run_async` (the name the production manual uses)."""
+        return await self.run_async(
+            initial_input, run_id=run_id, initial_context_data=initial_context_data
+        )
+
+    async def run_stream(
+        self,
+        initial_input: InT,
+        *,
+        run_id: str | None = None,
+        initial_context_data: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[StepResult | PipelineResult[OutT, CtxT]]:
+        """Yield a :class:`StepResult` as each step finishes, then the final result.
+
+        Each yielded success has already been checkpointed.
+        """
+        async for item in self._drive(initial_input, run_id, initial_context_data):
+            yield item
+
+    async def aclose(self) -> None:
+        """Release the state backend (including one passed in) and anything it holds."""
+        if self.state_backend is not None:
+            await self.state_backend.aclose()
+
+    async def __aenter__(self) -> Flujo[InT, OutT, CtxT]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- starting and resuming -------------------------------------------------------------------
+
+    async def _open(
+        self, initial_input: Any, run_id: str | None, context_data: Mapping[str, Any] | None
+    ) -> _Run[CtxT] | PipelineResult[OutT, CtxT]:
+        backend = self.state_backend
+        stored = None
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+        else:
+            validate_run_id(run_id)
+            if backend is not None:
+                stored = await backend.load_state(run_id)
+        if stored is None:
+            return self._new_run(run_id, initial_input, context_data)
+        try:
+            state = WorkflowState.model_validate(stored)
+        except ValidationError as exc:
+            raise CorruptStateError(
+                f"stored state of run {run_id!r} has an unexpected shape: {exc}", run_id=run_id
+            ) from exc
+        return self._resume(state)
+
+    def _new_run(
+        self, run_id: str, initial_input: Any, context_data: Mapping[str, Any] | None
+    ) -> _Run[CtxT]:
+        pipeline, version = self._pipeline_for_new_run()
+        data = {**self.initial_context_data, **(context_data or {}), "run_id": run_id}
+        try:
+            context = self.context_model.model_validate(data)
+        except ValidationError as exc:
+            raise _context_error(
+                exc, f"initial context data for {self.context_model.__name__}"
+            ) from exc
+        manager = None
+        if self.state_backend is not None:
+            dumps = self.state_backend.serializer.dumps
+            header = RunHeader(
+                pipeline_id=self.pipeline_id,
+                pipeline_name=self.pipeline_name,
+                pipeline_version=version,
+                step_names=orjson.dumps(pipeline.step_names),
+                initial_input=dumps(initial_input, "initial_input"),
+                created_at=now(),
+            )
+            manager = StateManager(
+                self.state_backend, run_id, context, version=0, history_len=0, header=header
+            )
+        return _Run(run_id, pipeline, context, initial_input, 0, [], manager, resumed=False)
+
+    def _pipeline_for_new_run(self) -> tuple[Pipeline[Any, Any], str]:
+        if self._pipeline is not None:
+            return self._pipeline, self.pipeline_version
+        registry = self.registry
+        assert registry is not None
+        version: str | None = self.pipeline_version
+        if version == "latest":
+            version = registry.get_latest_version(self.pipeline_name)
+        pipeline = None if version is None else registry.get(self.pipeline_name, version)
+        if pipeline is None or version is None:
+            raise PipelineNotFoundError(
+                f"no pipeline {self.pipeline_name!r} version {self.pipeline_version!r} "
+                "is registered",
+                name=self.pipeline_name,
+                version=self.pipeline_version,
+            )
+        return pipeline, version
+
+    def _pipeline_for_stored(self, state: WorkflowState) -> Pipeline[Any, Any]:
+        """The pipeline a stored run must continue on; refuse if it changed."""
+        name, version, run_id = state.pipeline_name, state.pipeline_version, state.run_id
+        if name != self.pipeline_name:
+            raise PipelineMismatchError(
+                f"run {run_id!r} belongs to pipeline {name!r}, not {self.pipeline_name!r}",
+                run_id=run_id,
+            )
+        pipeline = None
+        if self._pipeline is not None and version == self.pipeline_version:
+            pipeline = self._pipeline
+        elif self.registry is not None and version != "latest":
+            pipeline = self.registry.get(name, version)
+        if pipeline is None:
+            raise PipelineMismatchError(
+                f"run {run_id!r} was started on pipeline {name!r} version {version!r}, which "
+                f"this runner does not have (it runs version {self.pipeline_version!r}); "
+                "register that version to resume the run",
+                run_id=run_id,
+            )
+        if pipeline.step_names != state.step_names:
+            raise PipelineMismatchError(
+                f"run {run_id!r} was started on steps {state.step_names}, but pipeline "
+                f"{name!r} version {version!r} now has steps {pipeline.step_names}; "
+                "register the change under a new version",
+                run_id=run_id,
+            )
+        return pipeline
+
+    def _restore_context(self, state: WorkflowState) -> CtxT:
+        try:
+            context = self.context_model.model_validate_json(
+                orjson.dumps(state.pipeline_context), by_name=True
+            )
+        except ValidationError as exc:
+            raise _context_error(
+                exc, f"stored context of run {state.run_id!r} for {self.context_model.__name__}"
+            ) from exc
+        context.run_id = state.run_id
+        return context
+
+    def _resume(self, state: WorkflowState) -> _Run[CtxT] | PipelineResult[OutT, CtxT]:
+        run_id = state.run_id
+        history = [StepResult.from_dict(record) for record in state.step_history]
+        if state.status in ("completed", "cancelled", "paused"):
+            return self._stored_result(state, history)
+        pipeline = self._pipeline_for_stored(state)
+        context = self._restore_context(state)
+        index = state.current_step_index
+        if not 0 <= index <= len(pipeline.steps):
+            raise CorruptStateError(
+                f"run {run_id!r} is at step {index} of a {len(pipeline.steps)}-step pipeline",
+                run_id=run_id,
+            )
+        if index == len(pipeline.steps):  # every step done; only the final status was lost
+            return self._stored_result(state.model_copy(update={"status": "completed"}), history)
+        value = state.last_step_output if index > 0 else state.initial_input
+        data = _typed(value, pipeline.steps[index], run_id)
+        manager = None
+        if self.state_backend is not None:
+            manager = StateManager(
+                self.state_backend,
+                run_id,
+                context,
+                version=state.version,
+                history_len=len(state.step_history),
+                header=None,
+                stored_context=state.pipeline_context,
+            )
+        return _Run(run_id, pipeline, context, data, index, history, manager, resumed=True)
+
+    def _stored_result(
+        self, state: WorkflowState, history: list[StepResult]
+    ) -> PipelineResult[OutT, CtxT]:
+        """The result of a run that already stopped, read from the store; nothing runs."""
+        output = None
+        if state.status == "completed":
+            output = state.last_step_output
+            try:
+                pipeline = self._pipeline_for_stored(state)
+            except PipelineMismatchError:
+                pipeline = None
+            if pipeline is not None:
+                output = _typed_output(output, pipeline.steps[-1])
+        error = None
+        failed_step = None
+        if state.error:
+            error = StepError.from_dict(state.error)
+            failed_step = state.error.get("step")
+        return PipelineResult(
+            run_id=state.run_id,
+            status=state.status,
+            output=output,
+            step_history=history,
+            final_pipeline_context=self._restore_context(state),
+            error=error,
+            failed_step=failed_step if isinstance(failed_step, str) else None,
+        )
+
+    # -- driving ---------------------------------------------------------------------------------
+
+    async def _drive(
+        self, initial_input: Any, run_id: str | None, context_data: Mapping[str, Any] | None
+    ) -> AsyncIterator[StepResult | PipelineResult[OutT, CtxT]]:
+        opened = await self._open(initial_input, run_id, context_data)
+        if isinstance(opened, PipelineResult):
+            yield opened
+            return
+        run = opened
+        hooks = self.hooks
+        manager = run.manager
+        context = run.context
+        history = run.history
+        steps = run.pipeline.steps
+        last = len(steps) - 1
+        execute = self._executor.execute
+        resources = self.resources
+        data = run.data
+        final: PipelineResult[OutT, CtxT] | None = None
+        if hooks:
+            try:
+                await self._emit(PreRun(run.run_id, data, context, run.resumed))
+            except PipelineAbortSignal as signal:
+                final = await self._stop(run, signal, run.start, None)
+        index = run.start
+        while final is None and index <= last:
+            step = steps[index]
+            try:
+                result = await execute(step, data, context, resources, index)
+            except FlujoSignal as signal:
+                final = await self._stop(run, signal, index, step.name)
+                break
+            history.append(result)
+            if not result.success:
+                if manager is not None:
+                    await manager.step_failed(result)
+                if hooks:
+                    await self._emit_quietly(StepFailure(run.run_id, result, context))
+                yield result
+                final = PipelineResult(
+                    run.run_id, "failed", None, history, context, result.error, step.name
+                )
+                break
+            data = result.output
+            if manager is not None:
+                await self._checkpoint(manager, result, completed=index == last)
+            if hooks:
+                try:
+                    await self._emit(PostStep(run.run_id, result, context))
+                except PipelineAbortSignal as signal:
+                    if index < last:
+                        final = await self._stop(run, signal, index + 1, None)
+            yield result
+            index += 1
+        if final is None:
+            final = PipelineResult(run.run_id, "completed", data, history, context)
+            if self.delete_on_completion and self.state_backend is not None:
+                await self.state_backend.delete_state(run.run_id)
+        if hooks:
+            await self._emit_quietly(PostRun(run.run_id, final))
+        yield final
+
+    @staticmethod
+    async def _checkpoint(manager: StateManager, result: StepResult, *, completed: bool) -> None:
+        try:
+            await manager.step_completed(result, completed=completed)
+        except SerializationError as exc:
+            # The step's output or context cannot be stored: the previous checkpoint stays as
+            # it is, the run is marked failed (with the culprit named), and the error is raised.
+            failed = StepResult(
+                result.name,
+                None,
+                False,
+                result.attempts,
+                result.latency_s,
+                StepError.from_exception(exc),
+                result.index,
+            )
+            try:
+                await manager.step_failed(failed)
+            except Exception:
+                logger.exception("could not record the failure of run %r", manager.run_id)
+            raise
+
+    async def _stop(
+        self, run: _Run[CtxT], signal: FlujoSignal, index: int, step_name: str | None
+    ) -> PipelineResult[OutT, CtxT]:
+        """Store a pause or a cancellation at step ``index`` and describe it."""
+        if isinstance(signal, PausedException):
+            status: Any = "paused"
+        elif isinstance(signal, PipelineAbortSignal):
+            status = "cancelled"
+        else:  # pragma: no cover - no other signals exist
+            raise signal
+        reason = StepError(type(signal).__name__, str(signal))
+        if run.manager is not None:
+            await run.manager.stopped(
+                status, index=index, reason=reason, step_name=step_name, record=None
+            )
+        return PipelineResult(run.run_id, status, None, run.history, run.context, reason, step_name)
+
+    async def _emit(self, event: HookEvent) -> None:
+        """Call every hook; a PipelineAbortSignal propagates, other errors are logged."""
+        for hook in self.hooks:
+            try:
+                outcome = hook(event)
+                if outcome is not None:
+                    await outcome
+            except Exception:
+                logging.getLogger("flujo.hooks").exception(
+                    "hook %r failed on %s", hook, event.event_name
+                )
+
+    async def _emit_quietly(self, event: HookEvent) -> None:
+        """Like :meth:`_emit`, for events after which there is nothing left to abort."""
+        try:
+            await self._emit(event)
+        except PipelineAbortSignal:
+            logger.debug("ignoring PipelineAbortSignal raised by a %s hook", event.event_name)
+
+
+def _context_error(exc: ValidationError, what: str) -> ContextValidationError:
+    errors = exc.errors(include_url=False)
+    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+    field = ".".join(str(part) for part in first["loc"]) or "<root>"
+    return ContextValidationError(
+        f"{what}: field {field!r}: {first['msg']}", field=field, errors=cast(Any, errors)
+    )
+
+
+def _typed(value: Any, step: Step[Any, Any], run_id: str) -> Any:
+    """A stored value (JSON data) validated into ``step``'s declared input type."""
+    target = step.input_type
+    if target is Any or target is object:
+        return value
+    try:
+        return TypeAdapter(target).validate_python(value)
+    except ValidationError as exc:
+        raise PipelineMismatchError(
+            f"run {run_id!r}: the stored input of step {step.name!r} does not fit its declared "
+            f"type {target!r}: {exc.errors(include_url=False)[0]['msg']}",
+            run_id=run_id,
+        ) from exc
+    except Exception:  # a type pydantic cannot validate: hand over the JSON data as it is
+        return value
+
+
+def _typed_output(value: Any, step: Step[Any, Any]) -> Any:
+    target = step.output_type
+    if target is Any or target is object or target is None:
+        return value
+    try:
+        return TypeAdapter(target).validate_python(value)
+    except Exception:
+        return value

@@ -1,0 +1,297 @@
+"""The one place a checkpoint is written: context + progress -> Checkpoint -> backend.
+
+A checkpoint carries only what changed since the previous one: the new step record (appended),
+the context fields whose value changed, the new progress and status. Its cost therefore follows
+what a step changed, not how long the run is or how large its untouched context is.
+
+How a context field is found unchanged: a field holding an immutable value (``str``, ``bytes``,
+numbers, ``None``) that is the very object last committed is skipped without serializing it;
+any other field is serialized and written only if its bytes differ from the last committed
+bytes. Fields declared as plain JSON types (``str``, ``int``, ``dict[str, Any]``,
+``list[...]`` and the like, with no custom serializer) are serialized by the backend's
+serializer directly; every other field goes through the context model's own pydantic
+serializer (JSON mode), so custom field types and serializers are honoured.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
+
+from flujo.exceptions import SerializationError
+from flujo.state.backends.base import Checkpoint, RunHeader, now
+
+if TYPE_CHECKING:
+    from flujo.domain.models import StepError, StepResult
+    from flujo.state.backends.base import StateBackend
+
+__all__ = ["StateManager"]
+
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
+
+
+class StateManager:
+    """Writes the checkpoints of one run, with compare-and-swap on the stored version."""
+
+    __slots__ = (
+        "_fields",
+        "_header",
+        "_initial",
+        "_plain",
+        "backend",
+        "context",
+        "history_len",
+        "run_id",
+        "serializer",
+        "version",
+    )
+
+    def __init__(
+        self,
+        backend: StateBackend,
+        run_id: str,
+        context: BaseModel,
+        *,
+        version: int,
+        history_len: int,
+        header: RunHeader | None,
+        stored_context: dict[str, Any] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.serializer = backend.serializer
+        self.run_id = run_id
+        self.context = context
+        self.version = version
+        self.history_len = history_len
+        self._header = header
+        self._plain = plain_json_fields(type(context))
+        # field name -> (the value object last committed, its committed JSON bytes)
+        self._fields: dict[str, tuple[Any, bytes]] = {}
+        # A new run stores its whole starting context with its first checkpoint, as it was
+        # before any step ran (a first step that fails leaves it untouched).
+        self._initial: dict[str, bytes] = {}
+        if header is not None:
+            self._initial, pending = self._context_changes(every_field=True)
+            self._remember(pending)
+        if stored_context:
+            values = _field_values(context)
+            for name, stored in stored_context.items():
+                if name in values:
+                    self._fields[name] = (values[name], orjson.dumps(stored))
+
+    # -- the checkpoints a run writes ------------------------------------------------------------
+
+    async def step_completed(self, result: StepResult, *, completed: bool) -> None:
+        """Commit a successful step: its record, its output, the context it left."""
+        output = self.serializer.dumps(result.output, f"output of step {result.name!r}")
+        context, pending = self._context_changes()
+        await self._commit(
+            status="completed" if completed else "running",
+            current_step_index=result.index + 1,
+            last_step_output=output,
+            error=None,
+            context=context,
+            records=[_record(result, output)],
+        )
+        self._remember(pending)
+
+    async def step_failed(self, result: StepResult) -> None:
+        """Commit a failed step's record and the run's ``failed`` status; context unchanged."""
+        await self._commit(
+            status="failed",
+            current_step_index=result.index,
+            last_step_output=None,
+            error=_error(result.error, result.name),
+            context={},
+            records=[_record(result, b"null")],
+        )
+
+    async def stopped(
+        self,
+        status: Literal["paused", "cancelled"],
+        *,
+        index: int,
+        reason: StepError,
+        step_name: str | None,
+        record: StepResult | None,
+    ) -> None:
+        """Commit a pause or a cancellation at step ``index`` (context as last committed)."""
+        await self._commit(
+            status=status,
+            current_step_index=index,
+            last_step_output=None,
+            error=_error(reason, step_name),
+            context={},
+            records=[] if record is None else [_record(record, b"null")],
+        )
+
+    # -- internals -------------------------------------------------------------------------------
+
+    async def _commit(
+        self,
+        *,
+        status: str,
+        current_step_index: int,
+        last_step_output: bytes | None,
+        error: bytes | None,
+        context: dict[str, bytes],
+        records: list[bytes],
+    ) -> None:
+        header = self._header
+        if header is not None:
+            context = {**self._initial, **context}
+        checkpoint = Checkpoint(
+            run_id=self.run_id,
+            expected_version=self.version,
+            status=status,
+            current_step_index=current_step_index,
+            updated_at=now(),
+            last_step_output=last_step_output,
+            error=error,
+            context=context,
+            steps=records,
+            step_offset=self.history_len,
+            header=header,
+        )
+        self.version = await self.backend.write_checkpoint(checkpoint)
+        self.history_len += len(records)
+        self._header = None
+        self._initial = {}
+
+    def _remember(self, pending: list[tuple[str, Any, bytes]]) -> None:
+        fields = self._fields
+        for name, value, data in pending:
+            fields[name] = (value, data)
+
+    def _context_changes(
+        self, *, every_field: bool = False
+    ) -> tuple[dict[str, bytes], list[tuple[str, Any, bytes]]]:
+        """Serialize the context fields that may have changed; return those that did.
+
+        Returns (changed field -> bytes, [(field, value, bytes)] to remember once committed).
+        """
+        context = self.context
+        values = context.__dict__ if not context.__pydantic_extra__ else _field_values(context)
+        cache = self._fields
+        plain = self._plain
+        dumps = self.serializer.dumps
+        changed: dict[str, bytes] = {}
+        pending: list[tuple[str, Any, bytes]] = []
+        typed: list[str] = []
+        for name, value in values.items():
+            cached = cache.get(name)
+            if (
+                cached is not None
+                and not every_field
+                and cached[0] is value
+                and type(value) in _IMMUTABLE
+            ):
+                continue
+            if name not in plain:
+                typed.append(name)
+                continue
+            data = dumps(value, f"pipeline_context.{name}")
+            if every_field or cached is None or cached[1] != data:
+                changed[name] = data
+            pending.append((name, value, data))
+        if typed:
+            dumped = self._dump_fields(set(typed))
+            for name in typed:
+                data = dumps(dumped[name], f"pipeline_context.{name}")
+                cached = cache.get(name)
+                if every_field or cached is None or cached[1] != data:
+                    changed[name] = data
+                pending.append((name, values[name], data))
+        return changed, pending
+
+    def _dump_fields(self, names: set[str]) -> dict[str, Any]:
+        """The named fields as JSON data, through the context model's own serializer."""
+        try:
+            return self.context.model_dump(
+                mode="json",
+                include=names,
+                by_alias=False,
+                round_trip=True,
+                warnings=False,
+                fallback=self.serializer.default,
+            )
+        except (PydanticSerializationError, TypeError, ValueError) as exc:
+            # Find the culprit with the plain serializer, which names the path.
+            values = _field_values(self.context)
+            for name in sorted(names):
+                self.serializer.dumps(values[name], f"pipeline_context.{name}")
+            raise SerializationError(
+                f"pipeline_context: cannot serialize the context ({exc})", path="pipeline_context"
+            ) from exc
+
+
+def _field_values(context: BaseModel) -> dict[str, Any]:
+    """The context's fields and extra fields, by name."""
+    extra = context.__pydantic_extra__
+    if extra:
+        return {**{n: context.__dict__[n] for n in type(context).model_fields}, **extra}
+    fields = type(context).model_fields
+    values = context.__dict__
+    return {name: values[name] for name in fields}
+
+
+def _record(result: StepResult, output: bytes) -> bytes:
+    """A step record as JSON, with the already-serialized output spliced in."""
+    head = orjson.dumps(
+        {
+            "index": result.index,
+            "name": result.name,
+            "success": result.success,
+            "attempts": result.attempts,
+            "latency_s": result.latency_s,
+            "error": None if result.error is None else result.error.to_dict(),
+        }
+    )
+    return head[:-1] + b',"output":' + output + b"}"
+
+
+def _error(error: StepError | None, step_name: str | None) -> bytes | None:
+    if error is None:
+        return None
+    return orjson.dumps({"type": error.type, "message": error.message, "step": step_name})
+
+
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None), dict, list, Any})
+_plain_cache: dict[type[BaseModel], frozenset[str]] = {}
+
+
+def plain_json_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Fields of ``model`` whose declared type is plain JSON data with no custom serializer."""
+    found = _plain_cache.get(model)
+    if found is not None:
+        return found
+    custom: set[str] = set()
+    for decorator in model.__pydantic_decorators__.field_serializers.values():
+        custom.update(decorator.info.fields)
+    if "*" in custom:
+        found = frozenset()
+    else:
+        found = frozenset(
+            name
+            for name, info in model.model_fields.items()
+            if name not in custom and not info.metadata and _is_plain(info.annotation)
+        )
+    _plain_cache[model] = found
+    return found
+
+
+def _is_plain(annotation: Any) -> bool:
+    if annotation in _PLAIN_TYPES:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (dict, list, typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if origin is dict and args and args[0] is not str:
+            return False
+        return all(_is_plain(arg) for arg in args)
+    return False

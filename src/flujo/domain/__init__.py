@@ -1,0 +1,1 @@
+"""Steps, pipelines and the data models a run works with."""

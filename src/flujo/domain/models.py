@@ -1,0 +1,172 @@
+"""The data a run works with and returns: context, resources, step results, the run's result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "AppResources",
+    "PipelineContext",
+    "PipelineResult",
+    "RunStatus",
+    "StepError",
+    "StepResult",
+]
+
+#: The states a run can be in. ``running`` also describes a run whose process died: resuming
+#: it continues from its last checkpoint.
+RunStatus = Literal["running", "paused", "completed", "failed", "cancelled"]
+
+
+class PipelineContext(BaseModel):
+    """The typed, durable state of one run, shared by its steps.
+
+    Subclass it to declare your own fields; every field is checkpointed after each step and
+    restored on resume. Assignments are validated, and unknown fields are refused, so a typo
+    fails loudly instead of silently vanishing::
+
+        from pydantic import Field
+        from flujo import PipelineContext
+
+        class ResearchContext(PipelineContext):
+            user_id: str
+            results: list[dict[str, str]] = Field(default_factory=list)
+
+    A step receives the context by declaring a ``context`` parameter.
+    """
+
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
+
+    run_id: str = ""
+    """The id of the run this context belongs to (set by the runner before the first step)."""
+
+    scratchpad: dict[str, Any] = Field(default_factory=dict)
+    """Free-form JSON-serializable data for steps that need no declared field."""
+
+
+class AppResources(BaseModel):
+    """Long-lived objects (database pools, API clients) injected into steps, never persisted.
+
+    Subclass it and pass an instance as ``Flujo(resources=...)``; a step receives it by
+    declaring a ``resources`` parameter::
+
+        class ServiceResources(AppResources):
+            db_conn: Any
+
+        async def my_step(data: str, *, resources: ServiceResources) -> str: ...
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StepError:
+    """Why a step failed: the exception's type name and message."""
+
+    type: str
+    """The exception class name, for example ``"ValueError"``."""
+    message: str
+    """``str()`` of the exception."""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> StepError:
+        """Describe ``exc``."""
+        return cls(type(exc).__name__, str(exc))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepError:
+        """Rebuild from the stored form."""
+        return cls(str(data.get("type", "")), str(data.get("message", "")))
+
+    def to_dict(self) -> dict[str, str]:
+        """The stored form."""
+        return {"type": self.type, "message": self.message}
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}" if self.message else self.type
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one execution of a step produced. ``run_stream`` yields these as steps finish."""
+
+    name: str
+    """The step's name."""
+    output: Any = None
+    """The step's return value (after a resume, earlier steps' outputs are their JSON form)."""
+    success: bool = True
+    """Whether the step succeeded."""
+    attempts: int = 1
+    """How many times the step was tried (1 plus retries used)."""
+    latency_s: float = 0.0
+    """Wall time of the step, retries and backoff included, in seconds."""
+    error: StepError | None = None
+    """Why the step failed, when it did."""
+    index: int = 0
+    """The step's position in its pipeline (0-based)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form of this result."""
+        return {
+            "index": self.index,
+            "name": self.name,
+            "output": self.output,
+            "success": self.success,
+            "attempts": self.attempts,
+            "latency_s": self.latency_s,
+            "error": None if self.error is None else self.error.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepResult:
+        """Rebuild a result from its stored form."""
+        error = data.get("error")
+        return cls(
+            name=str(data.get("name", "")),
+            output=data.get("output"),
+            success=bool(data.get("success", False)),
+            attempts=int(data.get("attempts", 1)),
+            latency_s=float(data.get("latency_s", 0.0)),
+            error=StepError.from_dict(error) if isinstance(error, dict) else None,
+            index=int(data.get("index", 0)),
+        )
+
+
+OutT = TypeVar("OutT")
+CtxT = TypeVar("CtxT", bound=PipelineContext)
+
+
+@dataclass(slots=True)
+class PipelineResult(Generic[OutT, CtxT]):
+    """The outcome of a run: its status, output, step history and final context.
+
+    >>> result = PipelineResult(run_id="r1", status="completed", output=3)
+    >>> result.success
+    True
+    """
+
+    run_id: str
+    """The run's id; pass it as ``run(..., run_id=...)`` to resume or re-read the run."""
+    status: RunStatus
+    """``completed``, ``failed``, ``paused`` or ``cancelled`` (``running`` is never returned)."""
+    output: OutT | None = None
+    """The last step's output when the run completed, else ``None``."""
+    step_history: list[StepResult] = field(default_factory=list)
+    """Every step execution of the run, in order, including those of earlier processes."""
+    final_pipeline_context: CtxT | None = None
+    """The context as the run left it."""
+    error: StepError | None = None
+    """Why the run failed, paused or was cancelled."""
+    failed_step: str | None = None
+    """The name of the step that failed, paused or aborted the run."""
+
+    @property
+    def success(self) -> bool:
+        """True when the run completed."""
+        return self.status == "completed"

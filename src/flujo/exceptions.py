@@ -1,0 +1,184 @@
+"""Every error flujo raises, and the two control-flow signals.
+
+All errors derive from :class:`FlujoError`; each carries, as attributes, the data a caller
+needs to act on it (run id, step name, field path). Catch ``FlujoError`` to handle any of them::
+
+    from flujo.exceptions import FlujoError, PausedException, PipelineAbortSignal
+
+    try:
+        result = await runner.run_result_async("input")
+    except (PausedException, PipelineAbortSignal):
+        raise
+    except FlujoError as exc:
+        log.error("flujo failed: %s", exc)
+
+The signals (:class:`PausedException`, :class:`PipelineAbortSignal`) are not errors: they derive
+from :class:`FlujoSignal`, a ``BaseException``, so that a step's ``except Exception:`` cannot
+swallow them by accident (the same reason ``asyncio.CancelledError`` is a ``BaseException``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "ContextValidationError",
+    "CorruptStateError",
+    "FlujoError",
+    "FlujoSignal",
+    "InvalidRunIdError",
+    "PausedException",
+    "PayloadTooLargeError",
+    "PipelineAbortSignal",
+    "PipelineMismatchError",
+    "PipelineNotFoundError",
+    "SchemaVersionError",
+    "SerializationError",
+    "StateBackendError",
+    "StateConflictError",
+    "StepTimeoutError",
+]
+
+
+class FlujoError(Exception):
+    """Something went wrong in flujo."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+
+class ConfigurationError(FlujoError):
+    """flujo was configured or called in a way that cannot work."""
+
+
+class ContextValidationError(FlujoError, ValueError):
+    """Data given for the pipeline context does not fit the context model.
+
+    ``field`` names the first offending field (dotted path), ``errors`` holds pydantic's
+    error list.
+    """
+
+    def __init__(self, message: str, *, field: str, errors: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.field = field
+        self.errors = errors
+
+
+class SerializationError(FlujoError, TypeError):
+    """A value could not be serialized into the state store.
+
+    ``path`` names where the value sits, for example ``pipeline_context.scratchpad["doc"]``.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class PayloadTooLargeError(SerializationError):
+    """A serialized value is larger than the backend's ``max_payload_bytes``."""
+
+    def __init__(self, message: str, *, path: str, size: int, limit: int) -> None:
+        super().__init__(message, path=path)
+        self.size = size
+        self.limit = limit
+
+
+class InvalidRunIdError(FlujoError, ValueError):
+    """A run id is not acceptable (empty, too long, or holding path or control characters)."""
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class StateConflictError(FlujoError):
+    """Another writer advanced this run first (compare-and-swap on the state version failed).
+
+    Nothing was written. ``expected_version`` is what this writer last saw;
+    ``actual_version`` is what the store holds (``None`` if unknown or absent).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str,
+        expected_version: int,
+        actual_version: int | None,
+    ) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+
+
+class PipelineMismatchError(FlujoError):
+    """A stored run cannot be resumed on this pipeline: its name, version or steps differ."""
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class PipelineNotFoundError(FlujoError, LookupError):
+    """No pipeline is registered under this name (and version)."""
+
+    def __init__(self, message: str, *, name: str, version: str | None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.version = version
+
+
+class CorruptStateError(FlujoError):
+    """Stored state could not be read back: truncated, garbage, or of an unknown shape."""
+
+    def __init__(self, message: str, *, run_id: str | None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class StateBackendError(FlujoError):
+    """The state store failed (cannot open, read-only, disk full, connection lost)."""
+
+
+class SchemaVersionError(StateBackendError):
+    """The store's schema is older or newer than this version of flujo understands."""
+
+    def __init__(self, message: str, *, found: int, expected: int) -> None:
+        super().__init__(message)
+        self.found = found
+        self.expected = expected
+
+
+class StepTimeoutError(FlujoError, TimeoutError):
+    """A step ran longer than its ``timeout_s``."""
+
+    def __init__(self, message: str, *, step_name: str, timeout_s: float) -> None:
+        super().__init__(message)
+        self.step_name = step_name
+        self.timeout_s = timeout_s
+
+
+class FlujoSignal(BaseException):
+    """Base of flujo's control-flow signals; deliberately not an ``Exception``."""
+
+
+class PausedException(FlujoSignal):
+    """Raised by a step to pause the run (for example, to wait for a human).
+
+    The runner catches it, stores the run with status ``paused`` and returns a paused result.
+    """
+
+    def __init__(self, message: str = "Paused") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PipelineAbortSignal(FlujoSignal):
+    """Raised by a step or a hook to stop the run now; the run is stored as ``cancelled``."""
+
+    def __init__(self, message: str = "Aborted") -> None:
+        super().__init__(message)
+        self.message = message

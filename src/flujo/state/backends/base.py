@@ -1,0 +1,455 @@
+"""The storage interface every state backend implements.
+
+A backend stores one record per run. The spec's three methods are the whole contract a custom
+backend must meet::
+
+    from flujo.state.backends.base import StateBackend
+
+    class MyBackend(StateBackend):
+        async def save_state(self, run_id: str, state: dict[str, Any]) -> None: ...
+        async def load_state(self, run_id: str) -> dict[str, Any] | None: ...
+        async def delete_state(self, run_id: str) -> None: ...
+
+The runner writes through :meth:`StateBackend.write_checkpoint`, which carries only what changed
+since the last checkpoint (new step records, changed context fields). The built-in backends
+apply it incrementally in one transaction with a compare-and-swap on the run's ``version``; the
+default implementation here rebuilds the whole state and calls :meth:`save_state`, which is
+correct for a single process but not atomic across processes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from flujo.exceptions import (
+    CorruptStateError,
+    InvalidRunIdError,
+    SerializationError,
+    StateConflictError,
+)
+from flujo.state.serialization import DEFAULT_MAX_PAYLOAD_BYTES, Default, Serializer
+
+__all__ = [
+    "MAX_RUN_ID_LENGTH",
+    "Checkpoint",
+    "RunHeader",
+    "StateBackend",
+    "now",
+    "to_datetime",
+    "validate_run_id",
+]
+
+MAX_RUN_ID_LENGTH = 128
+_RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+#: The fields of a run summary, as returned by :meth:`StateBackend.list_runs`.
+SUMMARY_FIELDS = (
+    "run_id",
+    "pipeline_id",
+    "pipeline_name",
+    "pipeline_version",
+    "status",
+    "current_step_index",
+    "version",
+    "created_at",
+    "updated_at",
+)
+
+
+def validate_run_id(run_id: object) -> str:
+    """Return ``run_id`` if it is safe everywhere (as a file name, a key, a SQL value).
+
+    A run id is 1 to 128 characters from ``A-Z a-z 0-9 . _ -`` and does not start with ``.``,
+    so ``.``, ``..``, separators, NUL and other control characters can never appear.
+
+    >>> validate_run_id("run-2026_11.a")
+    'run-2026_11.a'
+    >>> validate_run_id("../etc/passwd")
+    Traceback (most recent call last):
+    ...
+    flujo.exceptions.InvalidRunIdError: invalid run id '../etc/passwd': ...
+    """
+    if not isinstance(run_id, str):
+        raise InvalidRunIdError(
+            f"a run id must be a string, got {type(run_id).__name__}", run_id=repr(run_id)
+        )
+    shown = repr(run_id if len(run_id) <= 60 else run_id[:60] + "...")
+    if not run_id:
+        raise InvalidRunIdError("invalid run id '': it is empty", run_id=run_id)
+    if len(run_id) > MAX_RUN_ID_LENGTH:
+        raise InvalidRunIdError(
+            f"invalid run id {shown}: longer than {MAX_RUN_ID_LENGTH} characters", run_id=run_id
+        )
+    if _RUN_ID.fullmatch(run_id) is None:
+        raise InvalidRunIdError(
+            f"invalid run id {shown}: use only letters, digits, '.', '_' and '-', "
+            "and do not start with '.'",
+            run_id=run_id,
+        )
+    return run_id
+
+
+def now() -> float:
+    """The current time as stored: seconds since the Unix epoch."""
+    return time.time()
+
+
+def to_datetime(value: float) -> datetime:
+    """A stored timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(value, UTC)
+
+
+@dataclass(slots=True)
+class RunHeader:
+    """What a run records once, when it is created."""
+
+    pipeline_id: str
+    pipeline_name: str
+    pipeline_version: str
+    step_names: bytes
+    """JSON list of the pipeline's step names."""
+    initial_input: bytes
+    """JSON of the run's first input."""
+    created_at: float
+    """Seconds since the Unix epoch."""
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """One atomic change to a stored run: what changed since ``expected_version``.
+
+    All JSON values arrive already serialized (``bytes``), by the backend's own serializer.
+    """
+
+    run_id: str
+    expected_version: int | None
+    """The version the writer last saw (0: the run must not exist yet; None: no check)."""
+    status: str
+    current_step_index: int
+    updated_at: float
+    """Seconds since the Unix epoch."""
+    last_step_output: bytes | None
+    """JSON of the newest step output, or None to keep the stored one."""
+    error: bytes | None
+    """JSON of the run's error ({"type", "message", "step"}), or None for no error."""
+    context: dict[str, bytes] = field(default_factory=dict)
+    """Context fields that changed, serialized; others keep their stored value."""
+    steps: list[bytes] = field(default_factory=list)
+    """New step records to append, serialized, in order."""
+    step_offset: int = 0
+    """The position in the run's step history of ``steps[0]``."""
+    header: RunHeader | None = None
+    """Set when the run is created (or replaced by ``save_state``)."""
+    replace: bool = False
+    """Drop every stored context field and step record first (a whole-state save)."""
+    version: int | None = None
+    """The version to store; None means one more than the stored (or expected) version."""
+
+    def new_version(self, stored: int) -> int:
+        """The version this checkpoint stores, given the one in the store."""
+        if self.version is not None:
+            return self.version
+        return stored + 1
+
+
+class StateBackend(ABC):
+    """Abstract interface for workflow state persistence.
+
+    ``serializer_default`` replaces :func:`~flujo.state.serialization.flujo_default_serializer`
+    for values orjson cannot serialize natively; ``max_payload_bytes`` bounds one serialized
+    value (a context field, a step output, a step record).
+    """
+
+    def __init__(
+        self,
+        *,
+        serializer_default: Default | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.serializer = Serializer(serializer_default, max_bytes=max_payload_bytes)
+
+    @abstractmethod
+    async def save_state(self, run_id: str, state: dict[str, Any]) -> None:
+        """Store ``state`` (a :class:`~flujo.state.models.WorkflowState` as a dict), whole."""
+
+    @abstractmethod
+    async def load_state(self, run_id: str) -> dict[str, Any] | None:
+        """The stored state of ``run_id`` as a dict, or None when there is none."""
+
+    @abstractmethod
+    async def delete_state(self, run_id: str) -> None:
+        """Forget ``run_id``; deleting an absent run does nothing."""
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        pipeline_name: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Summaries of stored runs, most recently updated first (keys: ``SUMMARY_FIELDS``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list runs")
+
+    async def write_checkpoint(self, checkpoint: Checkpoint) -> int:
+        """Apply ``checkpoint`` atomically; return the new version.
+
+        Raises :class:`~flujo.exceptions.StateConflictError` (writing nothing) when the stored
+        version is not ``checkpoint.expected_version``. This default goes through
+        :meth:`load_state` and :meth:`save_state`; the built-in backends override it with a
+        single transaction that writes only what changed.
+        """
+        current = await self.load_state(checkpoint.run_id)
+        stored_version = 0 if current is None else int(current.get("version", 0))
+        check_version(checkpoint, stored_version if current is not None else None)
+        state = apply_to_dict(current, checkpoint, self.serializer)
+        await self.save_state(checkpoint.run_id, state)
+        return int(state["version"])
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections and files. The backend reopens them if used again."""
+
+    async def __aenter__(self) -> StateBackend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def check_version(checkpoint: Checkpoint, stored: int | None) -> None:
+    """Raise StateConflictError unless ``stored`` (None: absent) is the expected version."""
+    expected = checkpoint.expected_version
+    if expected is None:
+        return
+    if (stored or 0) != expected or (expected == 0 and stored is not None):
+        raise StateConflictError(
+            f"run {checkpoint.run_id!r} was advanced by another writer "
+            f"(expected version {expected}, found {stored if stored is not None else 'none'})",
+            run_id=checkpoint.run_id,
+            expected_version=expected,
+            actual_version=stored,
+        )
+
+
+def apply_to_dict(
+    current: dict[str, Any] | None, checkpoint: Checkpoint, serializer: Serializer
+) -> dict[str, Any]:
+    """The whole state after ``checkpoint``, as a plain dict (for backends without deltas)."""
+    loads = serializer.loads
+    state: dict[str, Any] = {} if current is None or checkpoint.replace else dict(current)
+    if checkpoint.header is not None:
+        header = checkpoint.header
+        state.update(
+            pipeline_id=header.pipeline_id,
+            pipeline_name=header.pipeline_name,
+            pipeline_version=header.pipeline_version,
+            step_names=loads(header.step_names),
+            initial_input=loads(header.initial_input),
+            created_at=to_datetime(header.created_at),
+        )
+    stored_version = 0 if current is None else int(current.get("version", 0))
+    context = dict(state.get("pipeline_context") or {})
+    context.update({name: loads(value) for name, value in checkpoint.context.items()})
+    history = list(state.get("step_history") or [])
+    del history[checkpoint.step_offset :]
+    history.extend(loads(record) for record in checkpoint.steps)
+    state.update(
+        run_id=checkpoint.run_id,
+        status=checkpoint.status,
+        current_step_index=checkpoint.current_step_index,
+        updated_at=to_datetime(checkpoint.updated_at),
+        error=None if checkpoint.error is None else loads(checkpoint.error),
+        pipeline_context=context,
+        step_history=history,
+        version=checkpoint.new_version(stored_version),
+    )
+    if checkpoint.last_step_output is not None:
+        state["last_step_output"] = loads(checkpoint.last_step_output)
+    state.setdefault("last_step_output", None)
+    return state
+
+
+def checkpoint_from_state(run_id: str, state: dict[str, Any], serializer: Serializer) -> Checkpoint:
+    """A whole-state ``save_state`` expressed as a replacing checkpoint."""
+    dumps = serializer.dumps
+    try:
+        context = state.get("pipeline_context") or {}
+        if not isinstance(context, dict):
+            raise TypeError("pipeline_context must be a dict")
+        history = state.get("step_history") or []
+        current = now()
+        header = RunHeader(
+            pipeline_id=str(state.get("pipeline_id", "")),
+            pipeline_name=str(state.get("pipeline_name", "")),
+            pipeline_version=str(state.get("pipeline_version", "")),
+            step_names=dumps(list(state.get("step_names") or []), "step_names"),
+            initial_input=dumps(state.get("initial_input"), "initial_input"),
+            created_at=_epoch(state.get("created_at"), current),
+        )
+        error = state.get("error")
+        version = state.get("version")
+        return Checkpoint(
+            run_id=run_id,
+            expected_version=None,
+            status=str(state.get("status", "running")),
+            current_step_index=int(state.get("current_step_index", 0)),
+            updated_at=_epoch(state.get("updated_at"), current),
+            last_step_output=dumps(state.get("last_step_output"), "last_step_output"),
+            error=None if error is None else dumps(error, "error"),
+            context={
+                str(name): dumps(value, f"pipeline_context.{name}")
+                for name, value in context.items()
+            },
+            steps=[dumps(record, f"step_history[{i}]") for i, record in enumerate(history)],
+            step_offset=0,
+            header=header,
+            replace=True,
+            version=None if version is None else int(version),
+        )
+    except SerializationError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"state of run {run_id!r}: {exc}", path="state") from exc
+
+
+def _epoch(value: Any, default: float) -> float:
+    """A timestamp given as a datetime, an ISO 8601 string or epoch seconds, as epoch seconds."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        stamp: float = value.timestamp()
+        return stamp
+    return float(value)
+
+
+def corrupt(run_id: str | None, detail: str) -> CorruptStateError:
+    """The error for stored bytes that cannot be read back."""
+    return CorruptStateError(f"stored state of run {run_id!r} is corrupt: {detail}", run_id=run_id)
+
+
+@dataclass(slots=True)
+class StoredRun:
+    """A run as the built-in backends keep it: columns, plus JSON bytes per part.
+
+    Context fields and step records are stored apart, so a checkpoint writes only the fields
+    that changed and appends only new records.
+    """
+
+    run_id: str
+    pipeline_id: str
+    pipeline_name: str
+    pipeline_version: str
+    step_names: bytes
+    initial_input: bytes
+    created_at: float
+    status: str
+    current_step_index: int
+    updated_at: float
+    version: int
+    last_step_output: bytes
+    error: bytes | None
+    context: dict[str, bytes]
+    steps: list[bytes]
+
+    @classmethod
+    def create(cls, checkpoint: Checkpoint) -> StoredRun:
+        """A new run from its first checkpoint (which must carry the header)."""
+        header = checkpoint.header
+        if header is None:
+            raise corrupt(checkpoint.run_id, "the first checkpoint of a run has no header")
+        return cls(
+            run_id=checkpoint.run_id,
+            pipeline_id=header.pipeline_id,
+            pipeline_name=header.pipeline_name,
+            pipeline_version=header.pipeline_version,
+            step_names=header.step_names,
+            initial_input=header.initial_input,
+            created_at=header.created_at,
+            status=checkpoint.status,
+            current_step_index=checkpoint.current_step_index,
+            updated_at=checkpoint.updated_at,
+            version=checkpoint.new_version(0),
+            last_step_output=checkpoint.last_step_output or b"null",
+            error=checkpoint.error,
+            context=dict(checkpoint.context),
+            steps=list(checkpoint.steps),
+        )
+
+    def apply(self, checkpoint: Checkpoint) -> None:
+        """Apply a checkpoint whose version was already checked. Never fails halfway."""
+        if checkpoint.replace:
+            self.context = {}
+            self.steps = []
+        header = checkpoint.header
+        if header is not None:
+            self.pipeline_id = header.pipeline_id
+            self.pipeline_name = header.pipeline_name
+            self.pipeline_version = header.pipeline_version
+            self.step_names = header.step_names
+            self.initial_input = header.initial_input
+            self.created_at = header.created_at
+        self.status = checkpoint.status
+        self.current_step_index = checkpoint.current_step_index
+        self.updated_at = checkpoint.updated_at
+        self.error = checkpoint.error
+        if checkpoint.last_step_output is not None:
+            self.last_step_output = checkpoint.last_step_output
+        self.context.update(checkpoint.context)
+        del self.steps[checkpoint.step_offset :]
+        self.steps.extend(checkpoint.steps)
+        self.version = checkpoint.new_version(self.version)
+
+    def summary(self) -> dict[str, Any]:
+        """The run's summary, as :meth:`StateBackend.list_runs` returns it."""
+        return {
+            "run_id": self.run_id,
+            "pipeline_id": self.pipeline_id,
+            "pipeline_name": self.pipeline_name,
+            "pipeline_version": self.pipeline_version,
+            "status": self.status,
+            "current_step_index": self.current_step_index,
+            "version": self.version,
+            "created_at": to_datetime(self.created_at),
+            "updated_at": to_datetime(self.updated_at),
+        }
+
+    def to_state(self, serializer: Serializer) -> dict[str, Any]:
+        """The whole state as a dict; stored bytes that do not parse raise CorruptStateError."""
+        loads = serializer.loads
+        part = "step_names"
+        try:
+            step_names = loads(self.step_names)
+            part = "initial_input"
+            initial_input = loads(self.initial_input)
+            part = "last_step_output"
+            last_output = loads(self.last_step_output)
+            part = "error"
+            error = None if self.error is None else loads(self.error)
+            context = {}
+            for name, value in self.context.items():
+                part = f"pipeline_context.{name}"
+                context[name] = loads(value)
+            history = []
+            for i, record in enumerate(self.steps):
+                part = f"step_history[{i}]"
+                history.append(loads(record))
+        except ValueError as exc:
+            raise corrupt(self.run_id, f"{part} is not valid JSON ({exc})") from exc
+        state = self.summary()
+        state.update(
+            step_names=step_names,
+            initial_input=initial_input,
+            last_step_output=last_output,
+            error=error,
+            pipeline_context=context,
+            step_history=history,
+        )
+        return state

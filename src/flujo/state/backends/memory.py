@@ -1,0 +1,83 @@
+"""InMemoryBackend: state in a dict, for tests and demos; lost when the process ends."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from flujo.state.backends.base import (
+    Checkpoint,
+    StateBackend,
+    StoredRun,
+    check_version,
+    checkpoint_from_state,
+    validate_run_id,
+)
+
+__all__ = ["InMemoryBackend"]
+
+
+class InMemoryBackend(StateBackend):
+    """Keeps every run in memory, serialized exactly as the persistent backends store it.
+
+    Values go through the same serializer (so a value that would fail on SQLite fails here
+    too) and come back as JSON data, as they would after a restart.
+
+    >>> import asyncio
+    >>> backend = InMemoryBackend()
+    >>> asyncio.run(backend.load_state("nothing-here")) is None
+    True
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._runs: dict[str, StoredRun] = {}
+        self._lock = threading.Lock()
+
+    async def write_checkpoint(self, checkpoint: Checkpoint) -> int:
+        """Apply ``checkpoint`` under a lock, after the compare-and-swap check."""
+        validate_run_id(checkpoint.run_id)
+        with self._lock:
+            run = self._runs.get(checkpoint.run_id)
+            check_version(checkpoint, None if run is None else run.version)
+            if run is None:
+                self._runs[checkpoint.run_id] = run = StoredRun.create(checkpoint)
+            else:
+                run.apply(checkpoint)
+            return run.version
+
+    async def save_state(self, run_id: str, state: dict[str, Any]) -> None:
+        """Store ``state`` whole, replacing what was there."""
+        validate_run_id(run_id)
+        await self.write_checkpoint(checkpoint_from_state(run_id, state, self.serializer))
+
+    async def load_state(self, run_id: str) -> dict[str, Any] | None:
+        """The stored state of ``run_id``, or None."""
+        validate_run_id(run_id)
+        with self._lock:
+            run = self._runs.get(run_id)
+            return None if run is None else run.to_state(self.serializer)
+
+    async def delete_state(self, run_id: str) -> None:
+        """Forget ``run_id``."""
+        validate_run_id(run_id)
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        pipeline_name: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Summaries of stored runs, most recently updated first."""
+        with self._lock:
+            runs = [
+                run.summary()
+                for run in self._runs.values()
+                if (status is None or run.status == status)
+                and (pipeline_name is None or run.pipeline_name == pipeline_name)
+            ]
+        runs.sort(key=lambda r: r["updated_at"], reverse=True)
+        return runs[: max(limit, 0)]

@@ -1,0 +1,52 @@
+"""WorkflowState: the stored record of one run."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["WorkflowState"]
+
+
+class WorkflowState(BaseModel):
+    """Everything stored about a run: where it is, its context, and how it got there.
+
+    ``current_step_index`` is the number of completed top-level steps, so a resumed run
+    continues with ``pipeline.steps[current_step_index]``. ``version`` grows by one with every
+    committed checkpoint; a writer that saw an older version is refused (compare-and-swap).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    run_id: str
+    """The run's id."""
+    pipeline_id: str
+    """An identifier of the pipeline definition (defaults to its name)."""
+    pipeline_name: str
+    """The name the run's pipeline is registered (or was run) under."""
+    pipeline_version: str
+    """The pipeline version the run started on; a resume must run the same version."""
+    current_step_index: int
+    """How many top-level steps have completed."""
+    pipeline_context: dict[str, Any]
+    """The typed context, as JSON data (one entry per field)."""
+    last_step_output: Any | None = None
+    """The newest completed step's output (the next step's input), as JSON data."""
+    status: Literal["running", "paused", "completed", "failed", "cancelled"]
+    """Where the run stands; a ``running`` run whose process died is resumed by its id."""
+    created_at: datetime
+    """When the run's first checkpoint was written."""
+    updated_at: datetime
+    """When the run's newest checkpoint was written."""
+    version: int = 0
+    """The compare-and-swap counter: the number of checkpoints committed."""
+    step_names: list[str] = Field(default_factory=list)
+    """The names of the pipeline's steps when the run started."""
+    step_history: list[dict[str, Any]] = Field(default_factory=list)
+    """Every step execution, in order (see :class:`~flujo.domain.models.StepResult`)."""
+    error: dict[str, Any] | None = None
+    """Why the run failed, paused or was cancelled: ``{"type", "message", "step"}``."""
+    initial_input: Any | None = None
+    """The input the run started with."""
