@@ -28,7 +28,7 @@ from flujo.domain.models import (
     StepError,
     StepResult,
 )
-from flujo.domain.pipeline import Pipeline, PipelineRegistry
+from flujo.domain.pipeline import Pipeline, PipelineRegistry, parse_version
 from flujo.domain.step import Step
 from flujo.exceptions import (
     ConfigurationError,
@@ -124,6 +124,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
             raise ConfigurationError(
                 f"state_backend must be a StateBackend, got {type(state_backend).__name__}"
             )
+        if pipeline_version != "latest":
+            parse_version(pipeline_version)
         self.context_model: type[CtxT] = cast(type[CtxT], context_model or PipelineContext)
         self.initial_context_data: dict[str, Any] = dict(initial_context_data or {})
         self.resources = resources
@@ -159,17 +161,9 @@ class Flujo(Generic[InT, OutT, CtxT]):
 
         Cannot be called from a running event loop: use :meth:`run_async` there.
         """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(
-                self.run_async(
-                    initial_input, run_id=run_id, initial_context_data=initial_context_data
-                )
-            )
-        raise ConfigurationError(
-            "Flujo.run() cannot be called from a running event loop; "
-            "use `await runner.run_async(...)` instead"
+        _refuse_running_loop("Flujo.run()", "await runner.run_async(...)")
+        return asyncio.run(
+            self.run_async(initial_input, run_id=run_id, initial_context_data=initial_context_data)
         )
 
     async def run_async(
@@ -433,6 +427,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
             if not result.success:
                 if manager is not None:
                     await manager.step_failed(result)
+                    manager.rollback_context()
                 if hooks:
                     await self._emit_quietly(StepFailure(run.run_id, result, context))
                 yield result
@@ -516,6 +511,16 @@ class Flujo(Generic[InT, OutT, CtxT]):
             await self._emit(event)
         except PipelineAbortSignal:
             logger.debug("ignoring PipelineAbortSignal raised by a %s hook", event.event_name)
+
+
+def _refuse_running_loop(what: str, instead: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise ConfigurationError(
+        f"{what} cannot be called from a running event loop; use `{instead}` instead"
+    )
 
 
 def _context_error(exc: ValidationError, what: str) -> ContextValidationError:

@@ -130,6 +130,24 @@ class StateManager:
             records=[] if record is None else [_record(record, b"null")],
         )
 
+    def rollback_context(self) -> None:
+        """Put the context back as last committed (after a failed step), in place."""
+        fields = self._fields
+        if not fields:
+            return
+        context = self.context
+        committed = b"{" + b",".join(orjson.dumps(n) + b":" + d for n, (_, d) in fields.items())
+        try:
+            fresh = type(context).model_validate_json(committed + b"}", by_name=True)
+        except ValueError:  # cannot happen for data this manager committed; keep what we have
+            return
+        context.__dict__.update(fresh.__dict__)
+        if context.__pydantic_extra__ is not None:
+            context.__pydantic_extra__.clear()
+            context.__pydantic_extra__.update(fresh.__pydantic_extra__ or {})
+        values = _field_values(context)
+        self._remember([(name, values[name], data) for name, (_, data) in fields.items()])
+
     # -- internals -------------------------------------------------------------------------------
 
     async def _commit(

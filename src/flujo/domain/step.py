@@ -51,14 +51,22 @@ class StepConfig:
             raise ConfigurationError(f"retries must be an int >= 0, got {self.retries!r}")
         if self.timeout_s is not None and not (
             isinstance(self.timeout_s, (int, float))
+            and not isinstance(self.timeout_s, bool)
             and math.isfinite(self.timeout_s)
             and self.timeout_s > 0
         ):
             raise ConfigurationError(f"timeout_s must be a number > 0, got {self.timeout_s!r}")
         for name in ("backoff_s", "backoff_max_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.run_in_thread, bool):
+            raise ConfigurationError(f"run_in_thread must be a bool, got {self.run_in_thread!r}")
 
 
 def _config(
@@ -97,6 +105,8 @@ def _is_async_callable(fn: Any) -> bool:
 def _hints(fn: Any) -> tuple[Any, Any]:
     """The declared input type (first parameter) and output type of ``fn``, or ``Any``."""
     target = fn.func if isinstance(fn, functools.partial) else fn
+    if not inspect.isroutine(target) and callable(target) and not isinstance(target, type):
+        target = type(target).__call__  # a callable object: its __call__ declares the types
     try:
         hints = typing.get_type_hints(target)
     except Exception:  # unresolved forward references and the like: fall back to Any
@@ -266,7 +276,10 @@ class Step(Generic[InT, OutT]):
         """
         if not callable(fn):
             raise ConfigurationError(f"Step.from_callable needs a callable, got {fn!r}")
-        step_name = name or getattr(fn, "__name__", None) or type(fn).__name__
+        target = fn
+        while isinstance(target, functools.partial):
+            target = target.func
+        step_name = name or getattr(target, "__name__", None) or type(target).__name__
         new: Step[Any, Any] = cls(
             step_name,
             config=config,
