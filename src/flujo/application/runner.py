@@ -397,9 +397,17 @@ class Flujo(Generic[InT, OutT, CtxT]):
     ) -> AsyncIterator[StepResult | PipelineResult[OutT, CtxT]]:
         opened = await self._open(initial_input, run_id, context_data)
         if isinstance(opened, PipelineResult):
+            logger.debug("run %s is %s; returning its stored result", opened.run_id, opened.status)
             yield opened
             return
         run = opened
+        logger.debug(
+            "run %s: %s at step %d of %d",
+            run.run_id,
+            "resuming" if run.resumed else "starting",
+            run.start,
+            len(run.pipeline.steps),
+        )
         hooks = self.hooks
         manager = run.manager
         context = run.context
@@ -450,6 +458,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
             final = PipelineResult(run.run_id, "completed", data, history, context)
             if self.delete_on_completion and self.state_backend is not None:
                 await self.state_backend.delete_state(run.run_id)
+        logger.debug("run %s stopped: %s", run.run_id, final.status)
         if hooks:
             await self._emit_quietly(PostRun(run.run_id, final))
         yield final

@@ -220,7 +220,10 @@ class StateManager:
         if typed:
             dumped = self._dump_fields(set(typed))
             for name in typed:
-                data = dumps(dumped[name], f"pipeline_context.{name}")
+                path = f"pipeline_context.{name}"
+                data = dumps(dumped[name], path)
+                if b"null" in data:  # the JSON dump turns NaN into None; check the raw value
+                    self.serializer.ensure_finite(values[name], path)
                 cached = cache.get(name)
                 if every_field or cached is None or cached[1] != data:
                     changed[name] = data

@@ -120,10 +120,10 @@ class Serializer:
             data = orjson.dumps(obj, default=self.default)
         except TypeError as exc:
             raise self._explain(obj, path, exc) from exc
-        # orjson writes NaN and the infinities as null. Only output holding a null can hide one,
-        # so the full check runs only then (at C speed, in the stdlib encoder).
-        if b"null" in data and not self._is_finite(obj):
-            raise self._explain(obj, path, None)
+        # orjson writes NaN and the infinities as null (and pydantic's JSON mode turns them into
+        # None). Only output holding a null can hide one, so the full check runs only then.
+        if b"null" in data:
+            self.ensure_finite(obj, path)
         if len(data) > self.max_bytes:
             raise PayloadTooLargeError(
                 f"{path}: serialized value is {len(data)} bytes, over the limit of "
@@ -141,22 +141,34 @@ class Serializer:
 
     # -- NaN detection -------------------------------------------------------------------------
 
+    def ensure_finite(self, obj: Any, path: str) -> None:
+        """Raise ``SerializationError`` naming the NaN or infinity inside ``obj``, if any.
+
+        Walks the raw values (pydantic models by their field values, since their JSON mode
+        would already have turned a NaN into None), at C speed in the stdlib encoder.
+        """
+        try:
+            self._finite_encoder.encode(obj)
+        except ValueError:
+            raise self._explain(obj, path, None) from None
+        except (TypeError, RecursionError):
+            pass  # not a NaN problem; the serializer reports anything else itself
+
     def _finite_default(self, obj: Any) -> Any:
-        # Mirror what orjson serialized natively, so the check walks the same data.
+        # Hand the encoder the raw values inside obj, so no NaN hides behind a conversion.
+        if isinstance(obj, BaseModel):
+            values = {name: getattr(obj, name) for name in type(obj).model_fields}
+            return {**values, **(obj.__pydantic_extra__ or {})}
         if isinstance(obj, Enum):
             return obj.value
         if isinstance(obj, (datetime, date, time, UUID)):
             return None
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-        return self.default(obj)
-
-    def _is_finite(self, obj: Any) -> bool:
         try:
-            self._finite_encoder.encode(obj)
-        except ValueError:
-            return False
-        return True
+            return self.default(obj)
+        except Exception:  # cannot look inside it; orjson already serialized it somehow
+            return None
 
     # -- error explanation (slow path, only after a failure) -----------------------------------
 
@@ -190,6 +202,8 @@ def _children(obj: Any, default: Default) -> tuple[list[tuple[str, Any]], str | 
         for key, value in obj.items():
             if not isinstance(key, str):
                 return [], f"dict key {key!r} is not a string"
+            if _leaf_problem(key) is not None:
+                return [], f"dict key {key!r} holds a lone UTF-16 surrogate"
             items.append((f"[{json.dumps(key)}]", value))
         return items, None
     if isinstance(obj, (list, tuple)):

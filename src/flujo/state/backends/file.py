@@ -62,8 +62,9 @@ class FileBackend(StateBackend):
         self._root: Path | None = None
         self._lock = threading.Lock()
         self._cache_size = cache_size
-        # run_id -> (identity of the file we last wrote or read, what it holds)
-        self._cache: OrderedDict[str, tuple[tuple[int, int, int], StoredRun]] = OrderedDict()
+        # run_id -> (the write token of the file we last wrote, what it holds)
+        self._cache: OrderedDict[str, tuple[str, StoredRun]] = OrderedDict()
+        self._swept = False
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -96,6 +97,9 @@ class FileBackend(StateBackend):
         assert root is not None
         path = self._path(root, run_id)
         with self._lock, _directory_lock(root):
+            if not self._swept:
+                _sweep_temp_files(root)
+                self._swept = True
             run = self._current(path, run_id)
             check_version(checkpoint, None if run is None else run.version)
             self._cache.pop(run_id, None)  # re-added only once the new file is in place
@@ -103,36 +107,35 @@ class FileBackend(StateBackend):
                 run = StoredRun.create(checkpoint)
             else:
                 run.apply(checkpoint)
-            _replace_file(root, path, _render(run))
-            self._remember(run_id, path, run)
+            token = secrets.token_hex(8)
+            _replace_file(root, path, _render(run, token))
+            if run.status not in ("completed", "cancelled"):  # finished runs are rarely written
+                self._cache[run_id] = (token, run)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
             return run.version
 
     def _current(self, path: Path, run_id: str) -> StoredRun | None:
-        """What the run's file holds now, from the cache when the file is the one we know."""
+        """What the run's file holds now; from the cache when the file is the one we wrote.
+
+        Every write stamps the file with a random token, at a fixed place at its start: if the
+        token is still ours, no one else has replaced the file since, whatever the file system's
+        timestamp resolution or inode reuse.
+        """
+        cached = self._cache.get(run_id)
         try:
-            stat = path.stat()
+            with path.open("rb") as handle:
+                head = handle.read(len(_token_prefix("0" * 16)))
+                if cached is not None and head == _token_prefix(cached[0]):
+                    self._cache.move_to_end(run_id)
+                    return cached[1]
+                data = head + handle.read()
         except FileNotFoundError:
             self._cache.pop(run_id, None)
             return None
         except OSError as exc:
             raise StateBackendError(f"cannot read {path}: {exc}") from exc
-        cached = self._cache.get(run_id)
-        if cached is not None and cached[0] == (stat.st_ino, stat.st_mtime_ns, stat.st_size):
-            self._cache.move_to_end(run_id)
-            return cached[1]
-        state = self._read(path, run_id)
-        return None if state is None else _stored(run_id, state)
-
-    def _remember(self, run_id: str, path: Path, run: StoredRun) -> None:
-        try:
-            stat = path.stat()
-        except OSError:
-            return
-        if run.status in ("completed", "cancelled"):
-            return  # finished runs are rarely written again
-        self._cache[run_id] = ((stat.st_ino, stat.st_mtime_ns, stat.st_size), run)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        return _stored(run_id, _parse(data, run_id, path))
 
     async def save_state(self, run_id: str, state: dict[str, Any]) -> None:
         """Store ``state`` whole, replacing the run's file."""
@@ -220,11 +223,17 @@ _SUMMARY_KEYS = (
 )
 
 
-def _render(run: StoredRun) -> bytes:
+def _token_prefix(token: str) -> bytes:
+    """How a run's file starts: its format and the token of the write that made it."""
+    return b'{"format":%d,"token":"%s"' % (FORMAT_VERSION, token.encode("ascii"))
+
+
+def _render(run: StoredRun, token: str) -> bytes:
     """The run's file: a JSON object assembled from the stored parts without re-serializing."""
     head = orjson.dumps(
         {
             "format": FORMAT_VERSION,
+            "token": token,
             "run_id": run.run_id,
             "pipeline_id": run.pipeline_id,
             "pipeline_name": run.pipeline_name,
@@ -270,6 +279,7 @@ def _parse(data: bytes, run_id: str, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise bad("not a JSON object")
     found = state.pop("format", None)
+    state.pop("token", None)
     if not isinstance(found, int) or isinstance(found, bool):
         raise bad("no format version")
     if found != FORMAT_VERSION:
@@ -343,6 +353,15 @@ class _directory_lock:
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)  # closing releases the lock
+
+
+def _sweep_temp_files(root: Path) -> None:
+    """Remove temporary files left by writers that died mid-write (call under the lock)."""
+    for leftover in root.glob(".*.json.*.tmp"):
+        try:
+            leftover.unlink()
+        except OSError as exc:
+            logger.warning("cannot remove leftover temporary file %s: %s", leftover, exc)
 
 
 def _replace_file(root: Path, path: Path, data: bytes) -> None:

@@ -8,6 +8,7 @@ records in ``run_steps`` (appended, never rewritten). ``flujo_schema`` records w
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -26,6 +27,8 @@ from flujo.state.backends.base import (
 )
 
 __all__ = ["MIGRATIONS", "SQLiteBackend"]
+
+logger = logging.getLogger("flujo.state.sqlite")
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -258,13 +261,18 @@ class SQLiteBackend(StateBackend):
                 _UPSERT_CONTEXT, [(run_id, name, value) for name, value in cp.context.items()]
             )
         steps = cp.steps
-        if len(steps) == 1:
-            conn.execute(_INSERT_STEP, (run_id, cp.step_offset, steps[0]))
-        elif steps:
+        if steps:
             offset = cp.step_offset
-            conn.executemany(
-                _INSERT_STEP, [(run_id, offset + i, record) for i, record in enumerate(steps)]
-            )
+            rows = [(run_id, offset + i, record) for i, record in enumerate(steps)]
+            try:
+                conn.executemany(_INSERT_STEP, rows)
+            except sqlite3.IntegrityError:
+                # Records from step_offset on are replaced (never the case for the runner,
+                # which always appends; kept for the contract every backend shares).
+                conn.execute(
+                    "DELETE FROM run_steps WHERE run_id = ? AND seq >= ?", (run_id, offset)
+                )
+                conn.executemany(_INSERT_STEP, rows)
         return version
 
     @staticmethod
@@ -426,11 +434,14 @@ class SQLiteBackend(StateBackend):
                 rows = self._connection().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise _translate(exc, self.path, None) from exc
-        keys = [name.strip() for name in _SUMMARY_COLUMNS.split(",")]
-        summaries = [dict(zip(keys, row, strict=True)) for row in rows]
-        for summary in summaries:
-            summary["created_at"] = to_datetime(summary["created_at"])
-            summary["updated_at"] = to_datetime(summary["updated_at"])
+        summaries = []
+        for row in rows:
+            try:
+                summaries.append(_summary(row))
+            except (TypeError, ValueError, OverflowError, OSError) as exc:
+                logger.warning(
+                    "skipping unreadable row of run %r in %s: %s", row[0], self.path, exc
+                )
         return summaries
 
     async def aclose(self) -> None:
@@ -439,6 +450,41 @@ class SQLiteBackend(StateBackend):
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+
+
+def _summary(row: Any) -> dict[str, Any]:
+    """A run summary from a row of _SUMMARY_COLUMNS, checked."""
+    (
+        run_id,
+        pipeline_id,
+        pipeline_name,
+        pipeline_version,
+        status,
+        index,
+        version,
+        created,
+        updated,
+    ) = row
+    for name, value in (("status", status), ("pipeline_name", pipeline_name)):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} is not text")
+    for name, value in (("current_step_index", index), ("version", version)):
+        if not isinstance(value, int):
+            raise ValueError(f"{name} is not an integer")
+    for name, value in (("created_at", created), ("updated_at", updated)):
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{name} is not a number")
+    return {
+        "run_id": str(run_id),
+        "pipeline_id": str(pipeline_id),
+        "pipeline_name": pipeline_name,
+        "pipeline_version": str(pipeline_version),
+        "status": status,
+        "current_step_index": index,
+        "version": version,
+        "created_at": to_datetime(created),
+        "updated_at": to_datetime(updated),
+    }
 
 
 def _blob(value: Any) -> bytes:
