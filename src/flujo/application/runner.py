@@ -497,9 +497,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
             raise signal
         reason = StepError(type(signal).__name__, str(signal))
         if run.manager is not None:
-            await run.manager.stopped(
-                status, index=index, reason=reason, step_name=step_name, record=None
-            )
+            await run.manager.stopped(status, index=index, reason=reason, step_name=step_name)
+            run.manager.rollback_context()
         return PipelineResult(run.run_id, status, None, run.history, run.context, reason, step_name)
 
     async def _emit(self, event: HookEvent) -> None:

@@ -118,7 +118,6 @@ class StateManager:
         index: int,
         reason: StepError,
         step_name: str | None,
-        record: StepResult | None,
     ) -> None:
         """Commit a pause or a cancellation at step ``index`` (context as last committed)."""
         await self._commit(
@@ -127,7 +126,7 @@ class StateManager:
             last_step_output=None,
             error=_error(reason, step_name),
             context={},
-            records=[] if record is None else [_record(record, b"null")],
+            records=[],
         )
 
     def rollback_context(self) -> None:
