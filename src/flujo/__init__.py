@@ -9,6 +9,7 @@
 """
 
 from flujo.application.runner import Flujo
+from flujo.client import TaskClient, TaskDetail, TaskSummary
 from flujo.domain.events import HookEvent, PostRun, PostStep, PreRun, StepFailure
 from flujo.domain.models import (
     AppResources,
@@ -42,6 +43,9 @@ __all__ = [
     "StepError",
     "StepFailure",
     "StepResult",
+    "TaskClient",
+    "TaskDetail",
+    "TaskSummary",
     "__version__",
     "step",
 ]

@@ -27,12 +27,14 @@ __all__ = [
     "CorruptStateError",
     "FlujoError",
     "FlujoSignal",
+    "InvalidMetadataError",
     "InvalidRunIdError",
     "PausedException",
     "PayloadTooLargeError",
     "PipelineAbortSignal",
     "PipelineMismatchError",
     "PipelineNotFoundError",
+    "RunNotFoundError",
     "SchemaVersionError",
     "SerializationError",
     "StateBackendError",
@@ -93,6 +95,14 @@ class InvalidRunIdError(FlujoError, ValueError):
         self.run_id = run_id
 
 
+class InvalidMetadataError(FlujoError, ValueError):
+    """Run metadata, or a metadata filter, has a key or value flujo refuses (``key`` names it)."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class StateConflictError(FlujoError):
     """Another writer advanced this run first (compare-and-swap on the state version failed).
 
@@ -129,6 +139,14 @@ class PipelineNotFoundError(FlujoError, LookupError):
         super().__init__(message)
         self.name = name
         self.version = version
+
+
+class RunNotFoundError(FlujoError, LookupError):
+    """No run with this id is stored."""
+
+    def __init__(self, message: str, *, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class CorruptStateError(FlujoError):

@@ -93,6 +93,7 @@ def sample_state(run_id: str, **overrides: Any) -> dict[str, Any]:
         "updated_at": UPDATED,
         "version": 2,
         "step_names": ["fetch", "parse", "store"],
+        "metadata": {"tenant": "acme", "priority": 2},
         "step_history": [
             {
                 "index": 0,

@@ -11,7 +11,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, cast
 
 import orjson
@@ -41,15 +40,20 @@ from flujo.exceptions import (
     PipelineNotFoundError,
     SerializationError,
 )
-from flujo.state.backends.base import RunHeader, StateBackend, now, validate_run_id
+from flujo.state.backends.base import (
+    RunHeader,
+    StateBackend,
+    encode_metadata,
+    now,
+    validate_metadata_key,
+    validate_run_id,
+)
 from flujo.state.models import WorkflowState
 
-__all__ = ["DEFAULT_STATE_FILE", "Flujo"]
+__all__ = ["Flujo", "configured_backend"]
 
 logger = logging.getLogger("flujo.runner")
 
-#: The embedded default store, a SQLite file in the working directory.
-DEFAULT_STATE_FILE = "flujo_ops.db"
 
 InT = TypeVar("InT", default=Any)
 OutT = TypeVar("OutT", default=Any)
@@ -137,9 +141,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         self.pipeline_id = pipeline_id or self.pipeline_name
         self.persist_state = persist_state
         if persist_state and state_backend is None:
-            from flujo.state.backends.sqlite import SQLiteBackend  # noqa: PLC0415
-
-            state_backend = SQLiteBackend(Path.cwd() / DEFAULT_STATE_FILE)
+            state_backend = configured_backend()
         self.state_backend: StateBackend | None = state_backend
         self._executor = ExecutorCore()
 
@@ -156,6 +158,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         *,
         run_id: str | None = None,
         initial_context_data: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> PipelineResult[OutT, CtxT]:
         """Run (or resume, given the ``run_id`` of a stored run) to the end, synchronously.
 
@@ -163,7 +166,12 @@ class Flujo(Generic[InT, OutT, CtxT]):
         """
         _refuse_running_loop("Flujo.run()", "await runner.run_async(...)")
         return asyncio.run(
-            self.run_async(initial_input, run_id=run_id, initial_context_data=initial_context_data)
+            self.run_async(
+                initial_input,
+                run_id=run_id,
+                initial_context_data=initial_context_data,
+                metadata=metadata,
+            )
         )
 
     async def run_async(
@@ -172,6 +180,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         *,
         run_id: str | None = None,
         initial_context_data: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> PipelineResult[OutT, CtxT]:
         """Run (or resume) to the end and return the result.
 
@@ -179,10 +188,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
         stored result and nothing runs; a running or failed run continues after its last
         checkpoint, with its stored context and last output (``initial_input`` and
         ``initial_context_data`` are then ignored). An unknown ``run_id`` starts a new run
-        under that id.
+        under that id. ``metadata`` (a JSON object whose keys are 1-64 of ``A-Z a-z 0-9 _ . -``)
+        is stored with a new run, for finding it later (``list_runs(metadata_filter=...)``).
         """
         result: Any = None
-        async for item in self._drive(initial_input, run_id, initial_context_data):
+        async for item in self._drive(initial_input, run_id, initial_context_data, metadata):
             result = item
         return cast(PipelineResult[OutT, CtxT], result)
 
@@ -192,10 +202,14 @@ class Flujo(Generic[InT, OutT, CtxT]):
         *,
         run_id: str | None = None,
         initial_context_data: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> PipelineResult[OutT, CtxT]:
         """Same as :meth:`run_async` (the name the production manual uses)."""
         return await self.run_async(
-            initial_input, run_id=run_id, initial_context_data=initial_context_data
+            initial_input,
+            run_id=run_id,
+            initial_context_data=initial_context_data,
+            metadata=metadata,
         )
 
     async def run_stream(
@@ -204,12 +218,13 @@ class Flujo(Generic[InT, OutT, CtxT]):
         *,
         run_id: str | None = None,
         initial_context_data: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[StepResult | PipelineResult[OutT, CtxT]]:
         """Yield a :class:`StepResult` as each step finishes, then the final result.
 
         Each yielded success has already been checkpointed.
         """
-        async for item in self._drive(initial_input, run_id, initial_context_data):
+        async for item in self._drive(initial_input, run_id, initial_context_data, metadata):
             yield item
 
     async def aclose(self) -> None:
@@ -226,7 +241,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
     # -- starting and resuming -------------------------------------------------------------------
 
     async def _open(
-        self, initial_input: Any, run_id: str | None, context_data: Mapping[str, Any] | None
+        self,
+        initial_input: Any,
+        run_id: str | None,
+        context_data: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
     ) -> _Run[CtxT] | PipelineResult[OutT, CtxT]:
         backend = self.state_backend
         stored = None
@@ -237,7 +256,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
             if backend is not None:
                 stored = await backend.load_state(run_id)
         if stored is None:
-            return self._new_run(run_id, initial_input, context_data)
+            return self._new_run(run_id, initial_input, context_data, metadata)
         try:
             state = WorkflowState.model_validate(stored)
         except ValidationError as exc:
@@ -247,7 +266,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
         return self._resume(state)
 
     def _new_run(
-        self, run_id: str, initial_input: Any, context_data: Mapping[str, Any] | None
+        self,
+        run_id: str,
+        initial_input: Any,
+        context_data: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
     ) -> _Run[CtxT]:
         pipeline, version = self._pipeline_for_new_run()
         data = {**self.initial_context_data, **(context_data or {}), "run_id": run_id}
@@ -258,6 +281,9 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 exc, f"initial context data for {self.context_model.__name__}"
             ) from exc
         manager = None
+        if metadata:
+            for key in metadata:
+                validate_metadata_key(key)
         if self.state_backend is not None:
             dumps = self.state_backend.serializer.dumps
             header = RunHeader(
@@ -267,6 +293,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 step_names=orjson.dumps(pipeline.step_names),
                 initial_input=dumps(initial_input, "initial_input"),
                 created_at=now(),
+                metadata=encode_metadata(metadata, self.state_backend.serializer),
             )
             manager = StateManager(
                 self.state_backend, run_id, context, version=0, history_len=0, header=header
@@ -359,6 +386,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 history_len=len(state.step_history),
                 header=None,
                 stored_context=state.pipeline_context,
+                status=state.status,
             )
         return _Run(run_id, pipeline, context, data, index, history, manager, resumed=True)
 
@@ -393,9 +421,13 @@ class Flujo(Generic[InT, OutT, CtxT]):
     # -- driving ---------------------------------------------------------------------------------
 
     async def _drive(
-        self, initial_input: Any, run_id: str | None, context_data: Mapping[str, Any] | None
+        self,
+        initial_input: Any,
+        run_id: str | None,
+        context_data: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
     ) -> AsyncIterator[StepResult | PipelineResult[OutT, CtxT]]:
-        opened = await self._open(initial_input, run_id, context_data)
+        opened = await self._open(initial_input, run_id, context_data, metadata)
         if isinstance(opened, PipelineResult):
             logger.debug("run %s is %s; returning its stored result", opened.run_id, opened.status)
             yield opened
@@ -519,6 +551,19 @@ class Flujo(Generic[InT, OutT, CtxT]):
             await self._emit(event)
         except PipelineAbortSignal:
             logger.debug("ignoring PipelineAbortSignal raised by a %s hook", event.event_name)
+
+
+def configured_backend() -> StateBackend:
+    """The store the settings name (``FLUJO_STATE_URI`` > ``flujo.toml`` > SQLite default)."""
+    from flujo.config import load_settings  # noqa: PLC0415 - settings load only when needed
+    from flujo.state.uri import backend_from_uri  # noqa: PLC0415
+
+    settings = load_settings()
+    return backend_from_uri(
+        settings.state_uri,
+        postgres_pool_min=settings.postgres_pool_min,
+        postgres_pool_max=settings.postgres_pool_max,
+    )
 
 
 def _refuse_running_loop(what: str, instead: str) -> None:

@@ -43,6 +43,7 @@ class StateManager:
         "_header",
         "_initial",
         "_plain",
+        "_status",
         "backend",
         "context",
         "history_len",
@@ -61,6 +62,7 @@ class StateManager:
         history_len: int,
         header: RunHeader | None,
         stored_context: dict[str, Any] | None = None,
+        status: str | None = None,
     ) -> None:
         self.backend = backend
         self.serializer = backend.serializer
@@ -69,6 +71,7 @@ class StateManager:
         self.version = version
         self.history_len = history_len
         self._header = header
+        self._status = status  # the stored status (None: not stored yet)
         self._plain = plain_json_fields(type(context))
         # field name -> (the value object last committed, its committed JSON bytes)
         self._fields: dict[str, tuple[Any, bytes]] = {}
@@ -174,8 +177,10 @@ class StateManager:
             steps=records,
             step_offset=self.history_len,
             header=header,
+            status_changed=status != self._status,
         )
         self.version = await self.backend.write_checkpoint(checkpoint)
+        self._status = status
         self.history_len += len(records)
         self._header = None
         self._initial = {}

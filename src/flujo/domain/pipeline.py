@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
+from flujo.domain.models import PipelineContext
 from flujo.domain.step import Step
 from flujo.exceptions import ConfigurationError
 
@@ -125,11 +126,21 @@ class PipelineRegistry:
 
     def __init__(self) -> None:
         self._pipelines: dict[str, dict[VersionKey, tuple[str, Pipeline[Any, Any]]]] = {}
+        self._contexts: dict[tuple[str, VersionKey], type[PipelineContext]] = {}
 
     def register(
-        self, pipeline: Step[Any, Any] | Pipeline[Any, Any], name: str, version: str
+        self,
+        pipeline: Step[Any, Any] | Pipeline[Any, Any],
+        name: str,
+        version: str,
+        *,
+        context_model: type[PipelineContext] | None = None,
     ) -> None:
-        """Register ``pipeline`` (or a step) as ``name`` at ``version``."""
+        """Register ``pipeline`` (or a step) as ``name`` at ``version``.
+
+        ``context_model`` (default :class:`PipelineContext`) is the context its runs use, so
+        that a :class:`~flujo.TaskClient` can resume them from the registry alone.
+        """
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a pipeline name must be a non-empty string, got {name!r}")
         key = parse_version(version)
@@ -142,6 +153,7 @@ class PipelineRegistry:
                 "register changes under a new version"
             )
         versions[key] = (version, item)
+        self._contexts[(name, key)] = context_model or PipelineContext
 
     def get(self, name: str, version: str) -> Pipeline[Any, Any] | None:
         """The pipeline registered as ``name`` at ``version`` (``"latest"`` allowed), or None."""
@@ -149,6 +161,15 @@ class PipelineRegistry:
             return self.get_latest(name)
         entry = self._pipelines.get(name, {}).get(parse_version(version))
         return None if entry is None else entry[1]
+
+    def get_context_model(self, name: str, version: str) -> type[PipelineContext] | None:
+        """The context model registered with ``name`` at ``version``, or None."""
+        if version == "latest":
+            version = self.get_latest_version(name) or ""
+        try:
+            return self._contexts.get((name, parse_version(version)))
+        except ConfigurationError:
+            return None
 
     def get_latest(self, name: str) -> Pipeline[Any, Any] | None:
         """The highest registered version of ``name``, or None."""

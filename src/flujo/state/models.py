@@ -50,3 +50,5 @@ class WorkflowState(BaseModel):
     """Why the run failed, paused or was cancelled: ``{"type", "message", "step"}``."""
     initial_input: Any | None = None
     """The input the run started with."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """JSON metadata given when the run started (``run_async(..., metadata=...)``)."""

@@ -22,12 +22,16 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from flujo.exceptions import (
     CorruptStateError,
+    InvalidMetadataError,
     InvalidRunIdError,
     SerializationError,
     StateConflictError,
@@ -58,7 +62,71 @@ SUMMARY_FIELDS = (
     "version",
     "created_at",
     "updated_at",
+    "metadata",
+    "error",
 )
+
+MAX_METADATA_KEY_LENGTH = 64
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: JSON types a metadata filter may compare against.
+MetadataValue = str | int | float | bool | None
+
+
+def validate_metadata_key(key: object) -> str:
+    """Return ``key`` if it can name run metadata: 1-64 of ``A-Z a-z 0-9 _ . -``.
+
+    Keys never reach SQL text or a JSON path unchecked; values are always bound parameters.
+
+    >>> validate_metadata_key("user_id")
+    'user_id'
+    """
+    if (
+        not isinstance(key, str)
+        or len(key) > MAX_METADATA_KEY_LENGTH
+        or _METADATA_KEY.fullmatch(key) is None
+    ):
+        shown = repr(key if not isinstance(key, str) or len(key) <= 60 else key[:60] + "...")
+        raise InvalidMetadataError(
+            f"invalid metadata key {shown}: use 1-{MAX_METADATA_KEY_LENGTH} letters, digits, "
+            "'_', '.' or '-', not starting with '.' or '-'",
+            key=str(key),
+        )
+    return key
+
+
+def metadata_filter_items(metadata_filter: Mapping[str, Any] | None) -> list[tuple[str, bytes]]:
+    """A metadata filter as (key, canonical JSON of the value) pairs, checked.
+
+    Each key must equal its value (JSON scalars only: str, int, float, bool, None).
+    """
+    if not metadata_filter:
+        return []
+    if not isinstance(metadata_filter, Mapping):
+        raise InvalidMetadataError("a metadata filter must be a mapping", key="")
+    items = []
+    for key, value in metadata_filter.items():
+        validate_metadata_key(key)
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise InvalidMetadataError(
+                f"metadata filter {key!r}: only strings, numbers, booleans and None can be "
+                f"compared, got {type(value).__name__}",
+                key=key,
+            )
+        try:
+            items.append((key, orjson.dumps(value)))
+        except TypeError as exc:  # a lone surrogate, an int over 64 bits
+            raise InvalidMetadataError(f"metadata filter {key!r}: {exc}", key=key) from exc
+    return items
+
+
+def metadata_index(metadata: bytes) -> list[tuple[str, bytes]]:
+    """The (key, canonical JSON) pairs of a run's metadata that filters can match (scalars)."""
+    data = orjson.loads(metadata)
+    return [
+        (key, orjson.dumps(value))
+        for key, value in data.items()
+        if value is None or isinstance(value, (str, int, float, bool))
+    ]
 
 
 def validate_run_id(run_id: object) -> str:
@@ -117,6 +185,8 @@ class RunHeader:
     """JSON of the run's first input."""
     created_at: float
     """Seconds since the Unix epoch."""
+    metadata: bytes = b"{}"
+    """JSON object of the run's metadata (keys checked by :func:`validate_metadata_key`)."""
 
 
 @dataclass(slots=True)
@@ -149,6 +219,8 @@ class Checkpoint:
     """Drop every stored context field and step record first (a whole-state save)."""
     version: int | None = None
     """The version to store; None means one more than the stored (or expected) version."""
+    status_changed: bool = True
+    """False when ``status`` is the one already stored (lets SQL skip the status index)."""
 
     def new_version(self, stored: int) -> int:
         """The version this checkpoint stores, given the one in the store."""
@@ -190,10 +262,21 @@ class StateBackend(ABC):
         *,
         status: str | None = None,
         pipeline_name: str | None = None,
+        metadata_filter: Mapping[str, MetadataValue] | None = None,
+        since: datetime | None = None,
         limit: int = 100,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Summaries of stored runs, most recently updated first (keys: ``SUMMARY_FIELDS``)."""
+        """Summaries of stored runs, newest first (by creation; keys: ``SUMMARY_FIELDS``).
+
+        ``metadata_filter`` keeps runs whose metadata holds each key with an equal value;
+        ``since`` keeps runs created at or after it; ``offset`` and ``limit`` page the result.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not list runs")
+
+    async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
+        """Delete runs last updated before ``updated_before`` (of ``status``); return how many."""
+        raise NotImplementedError(f"{type(self).__name__} does not delete runs in bulk")
 
     async def write_checkpoint(self, checkpoint: Checkpoint) -> int:
         """Apply ``checkpoint`` atomically; return the new version.
@@ -250,6 +333,7 @@ def apply_to_dict(
             step_names=loads(header.step_names),
             initial_input=loads(header.initial_input),
             created_at=to_datetime(header.created_at),
+            metadata=loads(header.metadata),
         )
     stored_version = 0 if current is None else int(current.get("version", 0))
     context = dict(state.get("pipeline_context") or {})
@@ -289,6 +373,7 @@ def checkpoint_from_state(run_id: str, state: dict[str, Any], serializer: Serial
             step_names=dumps(list(state.get("step_names") or []), "step_names"),
             initial_input=dumps(state.get("initial_input"), "initial_input"),
             created_at=_epoch(state.get("created_at"), current),
+            metadata=_metadata(state.get("metadata"), dumps),
         )
         error = state.get("error")
         version = state.get("version")
@@ -314,6 +399,28 @@ def checkpoint_from_state(run_id: str, state: dict[str, Any], serializer: Serial
         raise
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"state of run {run_id!r}: {exc}", path="state") from exc
+
+
+def encode_metadata(metadata: Mapping[str, Any] | None, serializer: Serializer) -> bytes:
+    """Run metadata as stored: a JSON object whose keys are checked."""
+    if not metadata:
+        return b"{}"
+    if not isinstance(metadata, Mapping):
+        raise InvalidMetadataError("run metadata must be a mapping", key="")
+    for key in metadata:
+        validate_metadata_key(key)
+    return serializer.dumps(dict(metadata), "metadata")
+
+
+def _metadata(value: Any, dumps: Any) -> bytes:
+    if value is None:
+        return b"{}"
+    if not isinstance(value, Mapping):
+        raise TypeError("metadata must be a mapping")
+    for key in value:
+        validate_metadata_key(key)
+    data: bytes = dumps(dict(value), "metadata")
+    return data
 
 
 def _epoch(value: Any, default: float) -> float:
@@ -358,6 +465,7 @@ class StoredRun:
     error: bytes | None
     context: dict[str, bytes]
     steps: list[bytes]
+    metadata: bytes = b"{}"
 
     @classmethod
     def create(cls, checkpoint: Checkpoint) -> StoredRun:
@@ -381,6 +489,7 @@ class StoredRun:
             error=checkpoint.error,
             context=dict(checkpoint.context),
             steps=list(checkpoint.steps),
+            metadata=header.metadata,
         )
 
     def apply(self, checkpoint: Checkpoint) -> None:
@@ -396,6 +505,7 @@ class StoredRun:
             self.step_names = header.step_names
             self.initial_input = header.initial_input
             self.created_at = header.created_at
+            self.metadata = header.metadata
         self.status = checkpoint.status
         self.current_step_index = checkpoint.current_step_index
         self.updated_at = checkpoint.updated_at
@@ -409,7 +519,14 @@ class StoredRun:
 
     def summary(self) -> dict[str, Any]:
         """The run's summary, as :meth:`StateBackend.list_runs` returns it."""
+        try:
+            metadata = orjson.loads(self.metadata)
+            error = None if self.error is None else orjson.loads(self.error)
+        except orjson.JSONDecodeError as exc:
+            raise corrupt(self.run_id, f"metadata or error is not valid JSON ({exc})") from exc
         return {
+            "metadata": metadata,
+            "error": error,
             "run_id": self.run_id,
             "pipeline_id": self.pipeline_id,
             "pipeline_name": self.pipeline_name,
@@ -431,8 +548,8 @@ class StoredRun:
             initial_input = loads(self.initial_input)
             part = "last_step_output"
             last_output = loads(self.last_step_output)
-            part = "error"
-            error = None if self.error is None else loads(self.error)
+            part = "metadata or error"
+            state = self.summary()
             context = {}
             for name, value in self.context.items():
                 part = f"pipeline_context.{name}"
@@ -443,13 +560,30 @@ class StoredRun:
                 history.append(loads(record))
         except ValueError as exc:
             raise corrupt(self.run_id, f"{part} is not valid JSON ({exc})") from exc
-        state = self.summary()
         state.update(
             step_names=step_names,
             initial_input=initial_input,
             last_step_output=last_output,
-            error=error,
             pipeline_context=context,
             step_history=history,
         )
         return state
+
+    def matches(
+        self,
+        status: str | None,
+        pipeline_name: str | None,
+        metadata: list[tuple[str, bytes]],
+        since: float | None,
+    ) -> bool:
+        """Whether this run passes a list_runs filter."""
+        if status is not None and self.status != status:
+            return False
+        if pipeline_name is not None and self.pipeline_name != pipeline_name:
+            return False
+        if since is not None and self.created_at < since:
+            return False
+        if metadata:
+            indexed = dict(metadata_index(self.metadata))
+            return all(indexed.get(key) == value for key, value in metadata)
+        return True

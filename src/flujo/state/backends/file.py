@@ -9,6 +9,8 @@ import os
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +18,19 @@ import orjson
 
 from flujo.exceptions import (
     CorruptStateError,
+    InvalidMetadataError,
     InvalidRunIdError,
     SchemaVersionError,
     StateBackendError,
 )
 from flujo.state.backends.base import (
     Checkpoint,
+    MetadataValue,
     StateBackend,
     StoredRun,
     check_version,
     checkpoint_from_state,
+    metadata_filter_items,
     to_datetime,
     validate_run_id,
 )
@@ -178,14 +183,8 @@ class FileBackend(StateBackend):
             return None
         return self._read(self._path(root, run_id), run_id)
 
-    async def list_runs(
-        self,
-        *,
-        status: str | None = None,
-        pipeline_name: str | None = None,
-        limit: int = 100,
-    ) -> list[dict[str, Any]]:
-        """Summaries of stored runs, most recently updated first (reads every file)."""
+    def _stored_runs(self) -> list[tuple[Path, StoredRun]]:
+        """Every readable run in the directory (unreadable files are skipped with a warning)."""
         root = self._root_dir(create=False)
         if root is None:
             return []
@@ -196,31 +195,43 @@ class FileBackend(StateBackend):
             run_id = path.name[: -len(".json")]
             try:
                 state = self._read(path, run_id)
-            except (CorruptStateError, StateBackendError) as exc:
+                if state is not None:
+                    runs.append((path, _stored(run_id, state)))
+            except (CorruptStateError, StateBackendError, InvalidMetadataError) as exc:
                 logger.warning("skipping unreadable run file %s: %s", path, exc)
-                continue
-            if state is None:
-                continue
-            if status is not None and state["status"] != status:
-                continue
-            if pipeline_name is not None and state["pipeline_name"] != pipeline_name:
-                continue
-            runs.append({key: state[key] for key in _SUMMARY_KEYS})
-        runs.sort(key=lambda r: r["updated_at"], reverse=True)
-        return runs[: max(limit, 0)]
+        return runs
 
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        pipeline_name: str | None = None,
+        metadata_filter: Mapping[str, MetadataValue] | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Summaries of stored runs, newest first (reads every file)."""
+        wanted = metadata_filter_items(metadata_filter)
+        after = None if since is None else since.timestamp()
+        runs = [
+            run
+            for _, run in self._stored_runs()
+            if run.matches(status, pipeline_name, wanted, after)
+        ]
+        runs.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
+        start = max(offset, 0)
+        return [run.summary() for run in runs[start : start + max(limit, 0)]]
 
-_SUMMARY_KEYS = (
-    "run_id",
-    "pipeline_id",
-    "pipeline_name",
-    "pipeline_version",
-    "status",
-    "current_step_index",
-    "version",
-    "created_at",
-    "updated_at",
-)
+    async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
+        """Delete runs last updated before ``updated_before`` (of ``status``)."""
+        cutoff = updated_before.timestamp()
+        deleted = 0
+        for _, run in self._stored_runs():
+            if run.updated_at < cutoff and (status is None or run.status == status):
+                await self.delete_state(run.run_id)
+                deleted += 1
+        return deleted
 
 
 def _token_prefix(token: str) -> bytes:
@@ -257,6 +268,8 @@ def _render(run: StoredRun, token: str) -> bytes:
             run.last_step_output,
             b',"error":',
             run.error or b"null",
+            b',"metadata":',
+            run.metadata,
             b',"pipeline_context":{',
             context,
             b'},"step_history":[',
@@ -308,6 +321,8 @@ def _parse(data: bytes, run_id: str, path: Path) -> dict[str, Any]:
         raise bad("last_step_output or initial_input is missing")
     if state.get("error") is not None and not isinstance(state["error"], dict):
         raise bad("error is not an object")
+    if not isinstance(state.setdefault("metadata", {}), dict):
+        raise bad("metadata is not an object")
     state["created_at"] = to_datetime(state["created_at"])
     state["updated_at"] = to_datetime(state["updated_at"])
     return state
@@ -332,6 +347,7 @@ def _stored(run_id: str, state: dict[str, Any]) -> StoredRun:
         error=None if state.get("error") is None else dumps(state["error"]),
         context={name: dumps(value) for name, value in state["pipeline_context"].items()},
         steps=[dumps(record) for record in state["step_history"]],
+        metadata=dumps(state["metadata"]),
     )
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from flujo.state.backends.base import (
     Checkpoint,
+    MetadataValue,
     StateBackend,
     StoredRun,
     check_version,
     checkpoint_from_state,
+    metadata_filter_items,
     validate_run_id,
 )
 
@@ -69,15 +73,33 @@ class InMemoryBackend(StateBackend):
         *,
         status: str | None = None,
         pipeline_name: str | None = None,
+        metadata_filter: Mapping[str, MetadataValue] | None = None,
+        since: datetime | None = None,
         limit: int = 100,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Summaries of stored runs, most recently updated first."""
+        """Summaries of stored runs, newest first."""
+        wanted = metadata_filter_items(metadata_filter)
+        after = None if since is None else since.timestamp()
         with self._lock:
             runs = [
-                run.summary()
+                run
                 for run in self._runs.values()
-                if (status is None or run.status == status)
-                and (pipeline_name is None or run.pipeline_name == pipeline_name)
+                if run.matches(status, pipeline_name, wanted, after)
             ]
-        runs.sort(key=lambda r: r["updated_at"], reverse=True)
-        return runs[: max(limit, 0)]
+        runs.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
+        start = max(offset, 0)
+        return [run.summary() for run in runs[start : start + max(limit, 0)]]
+
+    async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
+        """Delete runs last updated before ``updated_before`` (of ``status``)."""
+        cutoff = updated_before.timestamp()
+        with self._lock:
+            doomed = [
+                run_id
+                for run_id, run in self._runs.items()
+                if run.updated_at < cutoff and (status is None or run.status == status)
+            ]
+            for run_id in doomed:
+                del self._runs[run_id]
+        return len(doomed)

@@ -11,16 +11,28 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from flujo.exceptions import CorruptStateError, SchemaVersionError, StateBackendError
+import orjson
+
+from flujo.exceptions import (
+    ConfigurationError,
+    CorruptStateError,
+    SchemaVersionError,
+    StateBackendError,
+)
 from flujo.state.backends.base import (
     Checkpoint,
+    MetadataValue,
     StateBackend,
     StoredRun,
     check_version,
     checkpoint_from_state,
+    metadata_filter_items,
+    metadata_index,
     now,
     to_datetime,
     validate_run_id,
@@ -43,6 +55,7 @@ MIGRATIONS: tuple[str, ...] = (
         pipeline_version TEXT NOT NULL,
         step_names BLOB NOT NULL,
         initial_input BLOB NOT NULL,
+        metadata BLOB NOT NULL,
         status TEXT NOT NULL,
         current_step_index INTEGER NOT NULL,
         version INTEGER NOT NULL,
@@ -51,7 +64,8 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL
     );
-    CREATE INDEX runs_status_updated ON runs (status, updated_at);
+    CREATE INDEX runs_created ON runs (created_at, run_id);
+    CREATE INDEX runs_status_created ON runs (status, created_at, run_id);
     CREATE INDEX runs_updated ON runs (updated_at);
     CREATE TABLE run_context (
         run_id TEXT NOT NULL,
@@ -65,24 +79,39 @@ MIGRATIONS: tuple[str, ...] = (
         record BLOB NOT NULL,
         PRIMARY KEY (run_id, seq)
     );
+    CREATE TABLE run_metadata (
+        run_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (run_id, key)
+    );
+    CREATE INDEX run_metadata_lookup ON run_metadata (key, value, created_at, run_id);
     """,
 )
 
+_TABLES = ("run_context", "run_steps", "run_metadata", "runs")
 _SUMMARY_COLUMNS = (
-    "run_id, pipeline_id, pipeline_name, pipeline_version, status, current_step_index, "
-    "version, created_at, updated_at"
+    "r.run_id, r.pipeline_id, r.pipeline_name, r.pipeline_version, r.status, "
+    "r.current_step_index, r.version, r.created_at, r.updated_at, r.metadata, r.error"
 )
 _RUN_COLUMNS = (
     "pipeline_id, pipeline_name, pipeline_version, step_names, initial_input, created_at, "
-    "status, current_step_index, updated_at, version, last_step_output, error"
+    "status, current_step_index, updated_at, version, last_step_output, error, metadata"
 )
 _INSERT_RUN = (
     "INSERT INTO runs (run_id, pipeline_id, pipeline_name, pipeline_version, step_names, "
-    "initial_input, created_at, status, current_step_index, updated_at, version, "
-    "last_step_output, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "initial_input, metadata, created_at, status, current_step_index, updated_at, version, "
+    "last_step_output, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_RUN = (
     "UPDATE runs SET status = ?, current_step_index = ?, updated_at = ?, version = ?, "
+    "error = ?, last_step_output = COALESCE(?, last_step_output) "
+    "WHERE run_id = ? AND version = ?"
+)
+# The same without status: the status index is left alone when the status did not change.
+_UPDATE_RUN_SAME_STATUS = (
+    "UPDATE runs SET current_step_index = ?, updated_at = ?, version = ?, "
     "error = ?, last_step_output = COALESCE(?, last_step_output) "
     "WHERE run_id = ? AND version = ?"
 )
@@ -91,6 +120,7 @@ _UPSERT_CONTEXT = (
     "ON CONFLICT (run_id, field) DO UPDATE SET value = excluded.value"
 )
 _INSERT_STEP = "INSERT INTO run_steps (run_id, seq, record) VALUES (?, ?, ?)"
+_INSERT_METADATA = "INSERT INTO run_metadata (run_id, key, value, created_at) VALUES (?, ?, ?, ?)"
 
 
 class SQLiteBackend(StateBackend):
@@ -122,7 +152,7 @@ class SQLiteBackend(StateBackend):
     ) -> None:
         super().__init__(**kwargs)
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise StateBackendError(
+            raise ConfigurationError(
                 f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}"
             )
         self.path = Path(path)
@@ -234,10 +264,9 @@ class SQLiteBackend(StateBackend):
             stored = None if row is None else int(row[0])
             check_version(cp, stored)
             version = cp.new_version(stored or 0)
-            if cp.replace:
-                conn.execute("DELETE FROM run_context WHERE run_id = ?", (run_id,))
-                conn.execute("DELETE FROM run_steps WHERE run_id = ?", (run_id,))
-                conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+            if cp.replace and stored is not None:
+                for table in _TABLES:
+                    conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))  # noqa: S608 - fixed names
                 stored = None
             if stored is None:
                 self._insert_run(conn, cp, version)
@@ -292,6 +321,7 @@ class SQLiteBackend(StateBackend):
                 header.pipeline_version,
                 header.step_names,
                 header.initial_input,
+                header.metadata,
                 header.created_at,
                 cp.status,
                 cp.current_step_index,
@@ -301,13 +331,26 @@ class SQLiteBackend(StateBackend):
                 cp.error,
             ),
         )
+        if header.metadata != b"{}":
+            conn.executemany(
+                _INSERT_METADATA,
+                [
+                    (cp.run_id, key, value, header.created_at)
+                    for key, value in metadata_index(header.metadata)
+                ],
+            )
 
     @staticmethod
     def _update_run(conn: sqlite3.Connection, cp: Checkpoint, expected: int, version: int) -> None:
+        params: tuple[Any, ...]
+        if cp.status_changed:
+            sql, params = _UPDATE_RUN, (cp.status,)
+        else:
+            sql, params = _UPDATE_RUN_SAME_STATUS, ()
         cursor = conn.execute(
-            _UPDATE_RUN,
+            sql,
             (
-                cp.status,
+                *params,
                 cp.current_step_index,
                 cp.updated_at,
                 version,
@@ -321,21 +364,6 @@ class SQLiteBackend(StateBackend):
             row = conn.execute("SELECT version FROM runs WHERE run_id = ?", (cp.run_id,)).fetchone()
             check_version(cp, None if row is None else int(row[0]))
             raise StateBackendError(f"run {cp.run_id!r}: update matched no row")  # unreachable
-        if cp.header is not None:
-            header = cp.header
-            conn.execute(
-                "UPDATE runs SET pipeline_id = ?, pipeline_name = ?, pipeline_version = ?, "
-                "step_names = ?, initial_input = ?, created_at = ? WHERE run_id = ?",
-                (
-                    header.pipeline_id,
-                    header.pipeline_name,
-                    header.pipeline_version,
-                    header.step_names,
-                    header.initial_input,
-                    header.created_at,
-                    cp.run_id,
-                ),
-            )
 
     async def save_state(self, run_id: str, state: dict[str, Any]) -> None:
         """Store ``state`` whole, replacing what was there."""
@@ -350,7 +378,7 @@ class SQLiteBackend(StateBackend):
                 conn = self._connection()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for table in ("run_context", "run_steps", "runs"):
+                    for table in _TABLES:
                         conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))  # noqa: S608 - fixed names
                     conn.execute("COMMIT")
                 except BaseException:
@@ -401,6 +429,7 @@ class SQLiteBackend(StateBackend):
                 version=int(row[9]),
                 last_step_output=_blob(row[10]),
                 error=None if row[11] is None else _blob(row[11]),
+                metadata=_blob(row[12]),
                 context={str(name): _blob(value) for name, value in context},
                 steps=[_blob(record) for (record,) in steps],
             )
@@ -415,20 +444,15 @@ class SQLiteBackend(StateBackend):
         *,
         status: str | None = None,
         pipeline_name: str | None = None,
+        metadata_filter: Mapping[str, MetadataValue] | None = None,
+        since: datetime | None = None,
         limit: int = 100,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Summaries of stored runs, most recently updated first."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        if status is not None:
-            clauses.append("status = ?")
-            params.append(status)
-        if pipeline_name is not None:
-            clauses.append("pipeline_name = ?")
-            params.append(pipeline_name)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(max(int(limit), 0))
-        sql = f"SELECT {_SUMMARY_COLUMNS} FROM runs {where} ORDER BY updated_at DESC LIMIT ?"  # noqa: S608 - fixed fragments, bound values
+        """Summaries of stored runs, newest first; every value is a bound parameter."""
+        sql, params = _list_query(
+            status, pipeline_name, metadata_filter_items(metadata_filter), since, limit, offset
+        )
         with self._lock:
             try:
                 rows = self._connection().execute(sql, params).fetchall()
@@ -444,6 +468,33 @@ class SQLiteBackend(StateBackend):
                 )
         return summaries
 
+    async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
+        """Delete runs last updated before ``updated_before`` (of ``status``), atomically."""
+        where = "updated_at < ?" + (" AND status = ?" if status is not None else "")
+        params: tuple[Any, ...] = (updated_before.timestamp(),)
+        if status is not None:
+            params += (status,)
+        with self._lock:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for table in _TABLES[:-1]:
+                        conn.execute(
+                            f"DELETE FROM {table} WHERE run_id IN "  # noqa: S608 - fixed names
+                            f"(SELECT run_id FROM runs WHERE {where})",
+                            params,
+                        )
+                    deleted = conn.execute(f"DELETE FROM runs WHERE {where}", params).rowcount  # noqa: S608 - fixed fragments
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path, None) from exc
+        return int(deleted)
+
     async def aclose(self) -> None:
         """Close the database connection (it reopens on next use)."""
         with self._lock:
@@ -452,19 +503,57 @@ class SQLiteBackend(StateBackend):
                 conn.close()
 
 
+def _list_query(
+    status: str | None,
+    pipeline_name: str | None,
+    metadata: list[tuple[str, bytes]],
+    since: datetime | None,
+    limit: int,
+    offset: int,
+) -> tuple[str, list[Any]]:
+    """SQL (fixed fragments only) and bound parameters for list_runs, newest first.
+
+    A metadata filter drives the query from the ``run_metadata`` index, which is ordered by
+    creation time within each (key, value), so both rare and common values list fast.
+    """
+    params: list[Any] = []
+    clauses: list[str] = []
+    if metadata:
+        (key, value), rest = metadata[0], metadata[1:]
+        source = "run_metadata m JOIN runs r ON r.run_id = m.run_id"
+        clauses.append("m.key = ? AND m.value = ?")
+        params += [key, value]
+        for key, value in rest:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM run_metadata x "
+                "WHERE x.run_id = r.run_id AND x.key = ? AND x.value = ?)"
+            )
+            params += [key, value]
+        order = "m.created_at DESC, m.run_id DESC"
+        created = "m.created_at"
+    else:
+        source = "runs r"
+        order = "r.created_at DESC, r.run_id DESC"
+        created = "r.created_at"
+    if status is not None:
+        clauses.append("r.status = ?")
+        params.append(status)
+    if pipeline_name is not None:
+        clauses.append("r.pipeline_name = ?")
+        params.append(pipeline_name)
+    if since is not None:
+        clauses.append(f"{created} >= ?")
+        params.append(since.timestamp())
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    params += [max(int(limit), 0), max(int(offset), 0)]
+    sql = f"SELECT {_SUMMARY_COLUMNS} FROM {source} {where} ORDER BY {order} LIMIT ? OFFSET ?"  # noqa: S608 - fixed fragments, bound values
+    return sql, params
+
+
 def _summary(row: Any) -> dict[str, Any]:
     """A run summary from a row of _SUMMARY_COLUMNS, checked."""
-    (
-        run_id,
-        pipeline_id,
-        pipeline_name,
-        pipeline_version,
-        status,
-        index,
-        version,
-        created,
-        updated,
-    ) = row
+    (run_id, pipeline_id, pipeline_name, pipeline_version, status, index, version) = row[:7]
+    created, updated, metadata, error = row[7:]
     for name, value in (("status", status), ("pipeline_name", pipeline_name)):
         if not isinstance(value, str):
             raise ValueError(f"{name} is not text")
@@ -484,6 +573,8 @@ def _summary(row: Any) -> dict[str, Any]:
         "version": version,
         "created_at": to_datetime(created),
         "updated_at": to_datetime(updated),
+        "metadata": orjson.loads(_blob(metadata)),
+        "error": None if error is None else orjson.loads(_blob(error)),
     }
 
 

@@ -1,0 +1,192 @@
+"""TaskClient: what dashboards, webhooks and operators use to find, inspect and manage runs.
+
+>>> client = TaskClient("sqlite:///flujo_ops.db", registry=registry)          # doctest: +SKIP
+>>> await client.list_tasks(status="failed", metadata_filter={"user_id": "u-7"})  # doctest: +SKIP
+>>> await client.resume_task("run-42")                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flujo.domain.models import StepResult
+from flujo.exceptions import ConfigurationError, RunNotFoundError
+from flujo.state.backends.base import MetadataValue, StateBackend, validate_run_id
+
+if TYPE_CHECKING:
+    from flujo.domain.models import PipelineResult
+    from flujo.domain.pipeline import PipelineRegistry
+
+__all__ = ["TaskClient", "TaskDetail", "TaskSummary"]
+
+
+class TaskSummary(BaseModel):
+    """One run, as listed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    pipeline_name: str
+    pipeline_version: str
+    status: str
+    current_step_index: int
+    """How many top-level steps have completed."""
+    created_at: datetime
+    updated_at: datetime
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    """Why the run failed, paused or was cancelled: ``{"type", "message", "step"}``."""
+
+
+class TaskDetail(TaskSummary):
+    """One run in full: its context, its step history and where it stands."""
+
+    pipeline_id: str
+    version: int
+    """The number of checkpoints committed."""
+    step_names: list[str]
+    context: dict[str, Any]
+    """The context as last committed (JSON data)."""
+    step_history: list[StepResult]
+    last_step_output: Any = None
+    initial_input: Any = None
+
+
+class TaskClient:
+    """Lists, inspects, resumes, deletes and prunes stored runs.
+
+    ``backend_or_uri`` is a :class:`StateBackend`, a state URI, or None for the configured
+    store (``FLUJO_STATE_URI`` > ``flujo.toml`` > ``sqlite:///flujo_ops.db``). ``registry`` is
+    needed only to resume runs: the run's recorded pipeline name and version are looked up
+    there (with the context model registered alongside).
+    """
+
+    def __init__(
+        self,
+        backend_or_uri: StateBackend | str | None = None,
+        registry: PipelineRegistry | None = None,
+    ) -> None:
+        if backend_or_uri is None:
+            from flujo.application.runner import configured_backend  # noqa: PLC0415
+
+            backend_or_uri = configured_backend()
+        elif isinstance(backend_or_uri, str):
+            from flujo.state.uri import backend_from_uri  # noqa: PLC0415
+
+            backend_or_uri = backend_from_uri(backend_or_uri)
+        if not isinstance(backend_or_uri, StateBackend):
+            raise ConfigurationError(
+                f"TaskClient needs a StateBackend or a state URI, got {backend_or_uri!r}"
+            )
+        self.backend = backend_or_uri
+        self.registry = registry
+
+    async def list_tasks(
+        self,
+        status: str | None = None,
+        metadata_filter: Mapping[str, MetadataValue] | None = None,
+        pipeline_name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        since: datetime | None = None,
+    ) -> list[TaskSummary]:
+        """Runs, newest first, filtered by status, pipeline, metadata (key equals value,
+        every value a bound parameter) and creation time; ``offset``/``limit`` page them."""
+        rows = await self.backend.list_runs(
+            status=status,
+            pipeline_name=pipeline_name,
+            metadata_filter=metadata_filter,
+            since=since,
+            limit=limit,
+            offset=offset,
+        )
+        return [TaskSummary.model_validate(row) for row in rows]
+
+    async def get_task(self, run_id: str) -> TaskDetail | None:
+        """Everything stored about ``run_id``, or None when there is no such run."""
+        validate_run_id(run_id)
+        state = await self.backend.load_state(run_id)
+        if state is None:
+            return None
+        return TaskDetail(
+            run_id=state["run_id"],
+            pipeline_id=state["pipeline_id"],
+            pipeline_name=state["pipeline_name"],
+            pipeline_version=state["pipeline_version"],
+            status=state["status"],
+            current_step_index=state["current_step_index"],
+            version=state["version"],
+            created_at=state["created_at"],
+            updated_at=state["updated_at"],
+            metadata=state.get("metadata") or {},
+            error=state.get("error"),
+            step_names=state.get("step_names") or [],
+            context=state.get("pipeline_context") or {},
+            step_history=[StepResult.from_dict(r) for r in state.get("step_history") or []],
+            last_step_output=state.get("last_step_output"),
+            initial_input=state.get("initial_input"),
+        )
+
+    async def resume_task(self, run_id: str, input: Any = None) -> PipelineResult[Any, Any]:
+        """Continue a failed or interrupted run on the pipeline version it started with.
+
+        A completed (or cancelled) run returns its stored result and runs nothing. Raises
+        :class:`~flujo.exceptions.RunNotFoundError` for an unknown id and
+        :class:`~flujo.exceptions.PipelineMismatchError` when that version is not in the
+        registry or its steps changed. ``input`` is ignored for now: a failed or interrupted
+        run continues with its stored data.
+        """
+        from flujo.application.runner import Flujo  # noqa: PLC0415
+
+        validate_run_id(run_id)
+        if self.registry is None:
+            raise ConfigurationError("TaskClient needs a registry= to resume runs")
+        state = await self.backend.load_state(run_id)
+        if state is None:
+            raise RunNotFoundError(f"no run {run_id!r} in the store", run_id=run_id)
+        name, version = state["pipeline_name"], state["pipeline_version"]
+        runner: Flujo[Any, Any, Any] = Flujo(
+            registry=self.registry,
+            pipeline_name=name,
+            pipeline_version=version,
+            context_model=self.registry.get_context_model(name, version),
+            state_backend=self.backend,
+        )
+        return await runner.run_async(input, run_id=run_id)
+
+    async def delete_task(self, run_id: str) -> bool:
+        """Delete ``run_id``; False when there was no such run."""
+        validate_run_id(run_id)
+        if await self.backend.load_state(run_id) is None:
+            return False
+        await self.backend.delete_state(run_id)
+        return True
+
+    async def prune(self, older_than: timedelta | datetime, status: str | None = None) -> int:
+        """Delete runs not updated for ``older_than`` (an age, or a cutoff datetime), optionally
+        only those of ``status``; return how many were deleted."""
+        if isinstance(older_than, timedelta):
+            if older_than < timedelta(0):
+                raise ConfigurationError(f"older_than must not be negative, got {older_than}")
+            cutoff = datetime.now(UTC) - older_than
+        elif isinstance(older_than, datetime):
+            cutoff = older_than if older_than.tzinfo else older_than.replace(tzinfo=UTC)
+        else:
+            raise ConfigurationError(
+                f"older_than must be a timedelta or a datetime, got {older_than!r}"
+            )
+        return await self.backend.delete_runs(updated_before=cutoff, status=status)
+
+    async def aclose(self) -> None:
+        """Release the backend's connections."""
+        await self.backend.aclose()
+
+    async def __aenter__(self) -> TaskClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,188 @@
+"""Settings: environment over ``flujo.toml`` over defaults, read in this one module.
+
+>>> settings = load_settings()            # doctest: +SKIP
+>>> settings.state_uri                    # doctest: +SKIP
+'sqlite:///flujo_ops.db'
+
+Where each setting comes from, highest first:
+
+1. the environment: ``FLUJO_STATE_URI``, ``FLUJO_POSTGRES_POOL_MIN``, ``FLUJO_POSTGRES_POOL_MAX``,
+   ``FLUJO_APP``;
+2. ``flujo.toml`` in the working directory (or the file named by ``FLUJO_CONFIG_PATH``):
+   ``state_uri`` at the top level, the others in its ``[settings]`` table;
+3. the defaults below.
+
+An unknown key in ``flujo.toml`` is a warning (:class:`FlujoSettingsWarning`); a value of the
+wrong type or range is a :class:`~flujo.exceptions.ConfigurationError` naming the key and where
+it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from flujo.exceptions import ConfigurationError
+
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_STATE_URI",
+    "FlujoSettings",
+    "FlujoSettingsWarning",
+    "load_settings",
+    "setting_sources",
+]
+
+CONFIG_FILE = "flujo.toml"
+DEFAULT_STATE_URI = "sqlite:///flujo_ops.db"
+ENV_PREFIX = "FLUJO_"
+
+# Tables of flujo.toml that belong to other parts of flujo (the production manual's sections);
+# they are not settings of this object, and not unknown either.
+_KNOWN_TABLES = frozenset({"settings", "aros", "lockfile", "budgets", "pricing", "governance"})
+_TOP_LEVEL = frozenset({"state_uri"})
+
+
+class FlujoSettingsWarning(UserWarning):
+    """``flujo.toml`` holds something flujo does not know (probably a typo)."""
+
+
+class FlujoSettings(BaseSettings):
+    """flujo's settings. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    state_uri: str = DEFAULT_STATE_URI
+    """Where runs are stored: ``sqlite:///relative.db``, ``sqlite:////absolute.db``,
+    ``postgresql://user:pass@host:5432/db``, ``file:///directory`` or ``memory://``."""
+    postgres_pool_min: int = Field(1, ge=0)
+    """Connections the Postgres pool keeps open."""
+    postgres_pool_max: int = Field(10, ge=1)
+    """Most connections the Postgres pool opens."""
+    app: str | None = None
+    """``module:attribute`` naming a PipelineRegistry (or a pipeline), used by ``flujo resume``."""
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> FlujoSettings:
+        if self.postgres_pool_min > self.postgres_pool_max:
+            raise ValueError(
+                f"postgres_pool_min ({self.postgres_pool_min}) is larger than "
+                f"postgres_pool_max ({self.postgres_pool_max})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = config_path()
+        table = frozenset(cls.model_fields) - _TOP_LEVEL
+        return (
+            init_settings,
+            env_settings,
+            _TomlKeys(settings_cls, path, ("settings",), keys=table),
+            _TomlKeys(settings_cls, path, None, keys=_TOP_LEVEL),
+        )
+
+
+class _TomlKeys(TomlConfigSettingsSource):
+    """A table of flujo.toml, limited to the settings that belong in it."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        path: Path,
+        header: tuple[str, ...] | None,
+        *,
+        keys: frozenset[str],
+    ) -> None:
+        self._keys = keys
+        super().__init__(settings_cls, path, toml_table_header=header)
+
+    def __call__(self) -> dict[str, Any]:
+        return {key: value for key, value in super().__call__().items() if key in self._keys}
+
+
+def config_path() -> Path:
+    """The ``flujo.toml`` in use (it may not exist)."""
+    return Path(os.environ.get(f"{ENV_PREFIX}CONFIG_PATH") or CONFIG_FILE)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"{path}: cannot read settings: {exc}") from exc
+
+
+def _check_keys(path: Path, data: dict[str, Any]) -> None:
+    fields = set(FlujoSettings.model_fields) - _TOP_LEVEL
+    for key, value in data.items():
+        if key in _TOP_LEVEL or (key in _KNOWN_TABLES and isinstance(value, dict)):
+            continue
+        hint = " (put it under [settings])" if key in fields else ""
+        warnings.warn(f"{path}: unknown key {key!r}{hint}", FlujoSettingsWarning, stacklevel=3)
+    table = data.get("settings", {})
+    if isinstance(table, dict):
+        for key in table:
+            if key not in fields:
+                hint = " (it belongs at the top level)" if key in _TOP_LEVEL else ""
+                warnings.warn(
+                    f"{path}: unknown key {key!r} in [settings]{hint}",
+                    FlujoSettingsWarning,
+                    stacklevel=3,
+                )
+
+
+def setting_sources(data: dict[str, Any] | None = None) -> dict[str, str]:
+    """For each setting, where its value comes from: the environment, the file, or the default."""
+    path = config_path()
+    data = _read_toml(path) if data is None else data
+    table = data.get("settings", {}) if isinstance(data.get("settings"), dict) else {}
+    env = {key.upper() for key in os.environ}
+    sources = {}
+    for name in FlujoSettings.model_fields:
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        if variable in env:
+            sources[name] = f"environment ({variable})"
+        elif name in _TOP_LEVEL and name in data:
+            sources[name] = f"{path} ({name})"
+        elif name not in _TOP_LEVEL and name in table:
+            sources[name] = f"{path} ([settings] {name})"
+        else:
+            sources[name] = "default"
+    return sources
+
+
+def load_settings(**overrides: Any) -> FlujoSettings:
+    """Read the settings (environment > ``flujo.toml`` > defaults); ``overrides`` win over all."""
+    path = config_path()
+    data = _read_toml(path)
+    _check_keys(path, data)
+    try:
+        return FlujoSettings(**overrides)
+    except ValidationError as exc:
+        sources = setting_sources(data)
+        first = exc.errors(include_url=False)[0]
+        key = str(first["loc"][0]) if first["loc"] else "settings"
+        where = sources.get(key, "settings")
+        raise ConfigurationError(f"setting {key!r} from {where}: {first['msg']}") from exc

@@ -1,0 +1,102 @@
+"""backend_from_uri: the one place a state URI becomes a backend (drivers load lazily).
+
+>>> backend_from_uri("memory://")                          # doctest: +ELLIPSIS
+<flujo.state.backends.memory.InMemoryBackend object at ...>
+
+- ``memory://``: :class:`InMemoryBackend`
+- ``file:///absolute/dir``, ``file://relative/dir``: :class:`FileBackend`
+- ``sqlite:///relative.db``, ``sqlite:////absolute.db`` (``?synchronous=FULL``): SQLiteBackend
+- ``postgresql://user:pass@host:5432/db`` (also ``postgres://``): :class:`PostgresBackend`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from flujo.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from flujo.state.backends.base import StateBackend
+
+__all__ = ["backend_from_uri", "redact_uri"]
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (for messages and ``flujo config show``)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparsable URI>"
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def backend_from_uri(
+    uri: str,
+    *,
+    postgres_pool_min: int = 1,
+    postgres_pool_max: int = 10,
+    **backend_options: Any,
+) -> StateBackend:
+    """The state backend a URI names, with its driver imported only now.
+
+    ``backend_options`` (``serializer_default=``, ``max_payload_bytes=``) go to the backend.
+    """
+    if not isinstance(uri, str) or "://" not in uri:
+        raise ConfigurationError(
+            f"state URI {redact_uri(str(uri))!r} is not a URI; use e.g. sqlite:///flujo_ops.db, "
+            "postgresql://user@host/db, file:///var/flujo or memory://"
+        )
+    scheme, _, rest = uri.partition("://")
+    scheme = scheme.lower()
+    if scheme == "memory":
+        from flujo.state.backends.memory import InMemoryBackend  # noqa: PLC0415
+
+        return InMemoryBackend(**backend_options)
+    if scheme == "file":
+        directory = rest.split("?", 1)[0]
+        if not directory:
+            raise ConfigurationError(f"state URI {uri!r} names no directory")
+        from flujo.state.backends.file import FileBackend  # noqa: PLC0415
+
+        return FileBackend(Path.cwd() / directory, **backend_options)
+    if scheme == "sqlite":
+        return _sqlite(uri, rest, backend_options)
+    if scheme in ("postgresql", "postgres"):
+        from flujo.state.backends.postgres import PostgresBackend  # noqa: PLC0415
+
+        return PostgresBackend(
+            uri, pool_min=postgres_pool_min, pool_max=postgres_pool_max, **backend_options
+        )
+    raise ConfigurationError(
+        f"state URI scheme {scheme!r} is not supported (use sqlite, postgresql, file or memory): "
+        f"{redact_uri(uri)!r}"
+    )
+
+
+def _sqlite(uri: str, rest: str, options: dict[str, Any]) -> StateBackend:
+    from flujo.state.backends.sqlite import SQLiteBackend  # noqa: PLC0415
+
+    if not rest.startswith("/"):
+        raise ConfigurationError(
+            f"state URI {uri!r}: write sqlite:///relative.db or sqlite:////absolute/path.db"
+        )
+    location, _, query = rest[1:].partition("?")
+    if not location:
+        raise ConfigurationError(f"state URI {uri!r} names no database file")
+    params = dict(parse_qsl(query))
+    unknown = set(params) - {"synchronous", "busy_timeout_s"}
+    if unknown:
+        raise ConfigurationError(f"state URI {uri!r}: unknown option(s) {sorted(unknown)}")
+    if "synchronous" in params:
+        options["synchronous"] = params["synchronous"].upper()
+    if "busy_timeout_s" in params:
+        try:
+            options["busy_timeout_s"] = float(params["busy_timeout_s"])
+        except ValueError as exc:
+            raise ConfigurationError(f"state URI {uri!r}: busy_timeout_s is not a number") from exc
+    return SQLiteBackend(Path.cwd() / location, **options)
