@@ -277,6 +277,7 @@ class PostgresBackend(StateBackend):
                 min_size=self.pool_min,
                 max_size=self.pool_max,
                 init=_init_connection,
+                reset=_keep_session,
                 server_settings=settings,
                 command_timeout=self.command_timeout_s,
             )
@@ -671,6 +672,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         decoder=_decode_jsonb,
         format="binary",
     )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset round trip on release (RESET ALL, UNLISTEN *, ...).
+
+    This backend never leaves session state behind: no SET, no LISTEN, no session advisory
+    locks (migrations take a transaction-level one), no open cursors. Saving the round trip
+    takes one network exchange off every checkpoint.
+    """
 
 
 def _encode_jsonb(data: bytes) -> bytes:
