@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flujo.domain.models import StepResult
-from flujo.exceptions import ConfigurationError, RunNotFoundError
+from flujo.exceptions import ConfigurationError, PipelineMismatchError, RunNotFoundError
 from flujo.state.backends.base import MetadataValue, StateBackend, validate_run_id
 
 if TYPE_CHECKING:
@@ -149,6 +149,12 @@ class TaskClient:
         if state is None:
             raise RunNotFoundError(f"no run {run_id!r} in the store", run_id=run_id)
         name, version = state["pipeline_name"], state["pipeline_version"]
+        if self.registry.get(name, version) is None:
+            raise PipelineMismatchError(
+                f"run {run_id!r} was started on pipeline {name!r} version {version!r}, which is "
+                "not in this TaskClient's registry",
+                run_id=run_id,
+            )
         runner: Flujo[Any, Any, Any] = Flujo(
             registry=self.registry,
             pipeline_name=name,
@@ -174,7 +180,7 @@ class TaskClient:
                 raise ConfigurationError(f"older_than must not be negative, got {older_than}")
             cutoff = datetime.now(UTC) - older_than
         elif isinstance(older_than, datetime):
-            cutoff = older_than if older_than.tzinfo else older_than.replace(tzinfo=UTC)
+            cutoff = older_than  # naive: local time, as everywhere in flujo
         else:
             raise ConfigurationError(
                 f"older_than must be a timedelta or a datetime, got {older_than!r}"

@@ -25,13 +25,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flujo.exceptions import ConfigurationError
 
@@ -73,14 +69,12 @@ class FlujoSettings(BaseSettings):
     app: str | None = None
     """``module:attribute`` naming a PipelineRegistry (or a pipeline), used by ``flujo resume``."""
 
-    @model_validator(mode="after")
-    def _pool_bounds(self) -> FlujoSettings:
-        if self.postgres_pool_min > self.postgres_pool_max:
-            raise ValueError(
-                f"postgres_pool_min ({self.postgres_pool_min}) is larger than "
-                f"postgres_pool_max ({self.postgres_pool_max})"
-            )
-        return self
+    @field_validator("postgres_pool_min", "postgres_pool_max", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer, not a boolean")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -91,41 +85,46 @@ class FlujoSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = config_path()
-        table = frozenset(cls.model_fields) - _TOP_LEVEL
+        data = _read_toml(config_path())
+        table = data.get("settings")
         return (
             init_settings,
             env_settings,
-            _TomlKeys(settings_cls, path, ("settings",), keys=table),
-            _TomlKeys(settings_cls, path, None, keys=_TOP_LEVEL),
+            _TomlTable(settings_cls, table if isinstance(table, dict) else {}, _IN_TABLE),
+            _TomlTable(settings_cls, data, _TOP_LEVEL),
         )
 
 
-class _TomlKeys(TomlConfigSettingsSource):
-    """A table of flujo.toml, limited to the settings that belong in it."""
+class _TomlTable(PydanticBaseSettingsSource):
+    """The settings found in one table of flujo.toml (only those that belong there)."""
 
     def __init__(
-        self,
-        settings_cls: type[BaseSettings],
-        path: Path,
-        header: tuple[str, ...] | None,
-        *,
-        keys: frozenset[str],
+        self, settings_cls: type[BaseSettings], table: dict[str, Any], keys: frozenset[str]
     ) -> None:
-        self._keys = keys
-        super().__init__(settings_cls, path, toml_table_header=header)
+        super().__init__(settings_cls)
+        self._values = {key: value for key, value in table.items() if key in keys}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {key: value for key, value in super().__call__().items() if key in self._keys}
+        return dict(self._values)
+
+
+_IN_TABLE = frozenset(FlujoSettings.model_fields) - _TOP_LEVEL
 
 
 def config_path() -> Path:
-    """The ``flujo.toml`` in use (it may not exist)."""
+    """The ``flujo.toml`` in use (it may not exist, unless FLUJO_CONFIG_PATH names it)."""
     return Path(os.environ.get(f"{ENV_PREFIX}CONFIG_PATH") or CONFIG_FILE)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
+        if os.environ.get(f"{ENV_PREFIX}CONFIG_PATH"):
+            raise ConfigurationError(
+                f"{path}: no such settings file (named by {ENV_PREFIX}CONFIG_PATH)"
+            )
         return {}
     try:
         with path.open("rb") as handle:
@@ -142,6 +141,8 @@ def _check_keys(path: Path, data: dict[str, Any]) -> None:
         hint = " (put it under [settings])" if key in fields else ""
         warnings.warn(f"{path}: unknown key {key!r}{hint}", FlujoSettingsWarning, stacklevel=3)
     table = data.get("settings", {})
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"{path}: 'settings' must be a table ([settings])")
     if isinstance(table, dict):
         for key in table:
             if key not in fields:
@@ -179,10 +180,18 @@ def load_settings(**overrides: Any) -> FlujoSettings:
     data = _read_toml(path)
     _check_keys(path, data)
     try:
-        return FlujoSettings(**overrides)
+        settings = FlujoSettings(**overrides)
     except ValidationError as exc:
         sources = setting_sources(data)
         first = exc.errors(include_url=False)[0]
         key = str(first["loc"][0]) if first["loc"] else "settings"
         where = sources.get(key, "settings")
         raise ConfigurationError(f"setting {key!r} from {where}: {first['msg']}") from exc
+    if settings.postgres_pool_min > settings.postgres_pool_max:
+        sources = setting_sources(data)
+        raise ConfigurationError(
+            f"setting 'postgres_pool_min' ({settings.postgres_pool_min}, from "
+            f"{sources['postgres_pool_min']}) is larger than 'postgres_pool_max' "
+            f"({settings.postgres_pool_max}, from {sources['postgres_pool_max']})"
+        )
+    return settings

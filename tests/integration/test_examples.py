@@ -26,7 +26,7 @@ def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_every_example_is_covered() -> None:
-    covered = {"demo.py", "getting_started.py"}
+    covered = {"demo.py", "fastapi_app.py", "getting_started.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} <= covered
 
 

@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl
 
 from flujo.exceptions import ConfigurationError
 
@@ -23,16 +24,21 @@ if TYPE_CHECKING:
 __all__ = ["backend_from_uri", "redact_uri"]
 
 
+_USERINFO_SECRET = re.compile(r"(?<=:)[^:@/?#]*(?=@)")
+_QUERY_SECRET = re.compile(r"(?i)((?:^|[?&;])(?:password|passwd|pwd|sslpassword)=)[^&;#]*")
+
+
 def redact_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (for messages and ``flujo config show``)."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparsable URI>"
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``uri`` with any password replaced by ``***`` (for messages and ``flujo config show``).
+
+    Works on malformed URIs too: whatever sits between a ``:`` and an ``@`` is hidden, and so are
+    ``password=`` query parameters.
+
+    >>> redact_uri("postgresql://flujo:s3cret@db/flujo?password=x&sslmode=require")
+    'postgresql://flujo:***@db/flujo?password=***&sslmode=require'
+    """
+    text = str(uri)
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO_SECRET.sub("***", text))
 
 
 def backend_from_uri(
@@ -53,14 +59,19 @@ def backend_from_uri(
         )
     scheme, _, rest = uri.partition("://")
     scheme = scheme.lower()
+    shown = redact_uri(uri)
     if scheme == "memory":
+        if rest:
+            raise ConfigurationError(f"state URI {shown!r}: memory:// takes no path or options")
         from flujo.state.backends.memory import InMemoryBackend  # noqa: PLC0415
 
         return InMemoryBackend(**backend_options)
     if scheme == "file":
-        directory = rest.split("?", 1)[0]
+        directory, _, query = rest.partition("?")
+        if query:
+            raise ConfigurationError(f"state URI {shown!r}: file:// takes no options")
         if not directory:
-            raise ConfigurationError(f"state URI {uri!r} names no directory")
+            raise ConfigurationError(f"state URI {shown!r} names no directory")
         from flujo.state.backends.file import FileBackend  # noqa: PLC0415
 
         return FileBackend(Path.cwd() / directory, **backend_options)
@@ -81,6 +92,7 @@ def backend_from_uri(
 def _sqlite(uri: str, rest: str, options: dict[str, Any]) -> StateBackend:
     from flujo.state.backends.sqlite import SQLiteBackend  # noqa: PLC0415
 
+    uri = redact_uri(uri)
     if not rest.startswith("/"):
         raise ConfigurationError(
             f"state URI {uri!r}: write sqlite:///relative.db or sqlite:////absolute/path.db"

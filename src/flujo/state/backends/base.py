@@ -43,6 +43,7 @@ __all__ = [
     "Checkpoint",
     "RunHeader",
     "StateBackend",
+    "epoch",
     "now",
     "to_datetime",
     "validate_run_id",
@@ -170,6 +171,13 @@ def now() -> float:
 def to_datetime(value: float) -> datetime:
     """A stored timestamp as an aware UTC datetime."""
     return datetime.fromtimestamp(value, UTC)
+
+
+def epoch(value: datetime) -> float:
+    """A datetime as stored (epoch seconds). A naive datetime is local time, everywhere (as
+    Python's ``datetime.timestamp()`` and ``datetime.now()`` have it)."""
+    stamp: float = value.timestamp()
+    return stamp
 
 
 @dataclass(slots=True)
@@ -430,10 +438,7 @@ def _epoch(value: Any, default: float) -> float:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        stamp: float = value.timestamp()
-        return stamp
+        return epoch(value)
     return float(value)
 
 

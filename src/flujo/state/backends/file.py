@@ -30,6 +30,7 @@ from flujo.state.backends.base import (
     StoredRun,
     check_version,
     checkpoint_from_state,
+    epoch,
     metadata_filter_items,
     to_datetime,
     validate_run_id,
@@ -213,7 +214,7 @@ class FileBackend(StateBackend):
     ) -> list[dict[str, Any]]:
         """Summaries of stored runs, newest first (reads every file)."""
         wanted = metadata_filter_items(metadata_filter)
-        after = None if since is None else since.timestamp()
+        after = None if since is None else epoch(since)
         runs = [
             run
             for _, run in self._stored_runs()
@@ -225,7 +226,7 @@ class FileBackend(StateBackend):
 
     async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
         """Delete runs last updated before ``updated_before`` (of ``status``)."""
-        cutoff = updated_before.timestamp()
+        cutoff = epoch(updated_before)
         deleted = 0
         for _, run in self._stored_runs():
             if run.updated_at < cutoff and (status is None or run.status == status):

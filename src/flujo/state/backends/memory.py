@@ -14,6 +14,7 @@ from flujo.state.backends.base import (
     StoredRun,
     check_version,
     checkpoint_from_state,
+    epoch,
     metadata_filter_items,
     validate_run_id,
 )
@@ -80,7 +81,7 @@ class InMemoryBackend(StateBackend):
     ) -> list[dict[str, Any]]:
         """Summaries of stored runs, newest first."""
         wanted = metadata_filter_items(metadata_filter)
-        after = None if since is None else since.timestamp()
+        after = None if since is None else epoch(since)
         with self._lock:
             runs = [
                 run
@@ -93,7 +94,7 @@ class InMemoryBackend(StateBackend):
 
     async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
         """Delete runs last updated before ``updated_before`` (of ``status``)."""
-        cutoff = updated_before.timestamp()
+        cutoff = epoch(updated_before)
         with self._lock:
             doomed = [
                 run_id

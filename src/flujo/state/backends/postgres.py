@@ -39,6 +39,7 @@ from flujo.state.backends.base import (
     StoredRun,
     check_version,
     checkpoint_from_state,
+    epoch,
     metadata_filter_items,
     now,
     to_datetime,
@@ -558,7 +559,7 @@ class PostgresBackend(StateBackend):
     async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
         """Delete runs last updated before ``updated_before`` (of ``status``), atomically."""
         where = "updated_at < $1" + (" AND status = $2" if status is not None else "")
-        params: list[Any] = [updated_before.timestamp()]
+        params: list[Any] = [epoch(updated_before)]
         if status is not None:
             params.append(status)
         with _errors(self.dsn, None):
@@ -630,7 +631,7 @@ class PostgresBackend(StateBackend):
             wanted = b"{" + b",".join(orjson.dumps(k) + b":" + v for k, v in items) + b"}"
             clauses.append(f"metadata @> {bind(wanted)}::jsonb")
         if since is not None:
-            clauses.append(f"created_at >= {bind(since.timestamp())}")
+            clauses.append(f"created_at >= {bind(epoch(since))}")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = (
             f"SELECT {_SUMMARY_COLUMNS} FROM flujo_runs {where} "  # noqa: S608 - fixed fragments, bound values

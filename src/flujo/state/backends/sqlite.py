@@ -31,6 +31,7 @@ from flujo.state.backends.base import (
     StoredRun,
     check_version,
     checkpoint_from_state,
+    epoch,
     metadata_filter_items,
     metadata_index,
     now,
@@ -471,7 +472,7 @@ class SQLiteBackend(StateBackend):
     async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
         """Delete runs last updated before ``updated_before`` (of ``status``), atomically."""
         where = "updated_at < ?" + (" AND status = ?" if status is not None else "")
-        params: tuple[Any, ...] = (updated_before.timestamp(),)
+        params: tuple[Any, ...] = (epoch(updated_before),)
         if status is not None:
             params += (status,)
         with self._lock:
@@ -543,7 +544,7 @@ def _list_query(
         params.append(pipeline_name)
     if since is not None:
         clauses.append(f"{created} >= ?")
-        params.append(since.timestamp())
+        params.append(epoch(since))
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     params += [max(int(limit), 0), max(int(offset), 0)]
     sql = f"SELECT {_SUMMARY_COLUMNS} FROM {source} {where} ORDER BY {order} LIMIT ? OFFSET ?"  # noqa: S608 - fixed fragments, bound values
