@@ -131,8 +131,7 @@ _STATUSES: tuple[str, ...] = get_args(RunStatus)
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PREVIEW_CHARS = 60
-_SECRET_PARAM = re.compile(r"(?i)(ssl)?password")
-_SECRET_QUERY = re.compile(r"(?i)((?:^|&)(?:ssl)?password=)[^&]*")
+_SECRET_PARAM = re.compile(r"(?i)password|passwd|pwd|sslpassword")
 _PIPE_WIDTH = 1000
 _WIDE = 150  # a terminal this wide shows every column of `flujo runs list`
 _ROOMY = 110  # ... this wide, the metadata too
@@ -377,19 +376,8 @@ def _backend() -> StateBackend:
     )
 
 
-def redact(uri: str) -> str:
-    """``uri`` without secrets: the password, and ``password=`` query parameters too."""
-    shown = redact_uri(uri)
-    base, sep, query = shown.partition("?")
-    if not sep:
-        return shown
-    query, hash_sep, fragment = query.partition("#")
-    query = _SECRET_QUERY.sub(r"\g<1>***", query)
-    return f"{base}?{query}{hash_sep}{fragment}"
-
-
 def _store_name() -> str:
-    return redact(_settings().state_uri)
+    return redact_uri(_settings().state_uri)
 
 
 def _sqlite_missing(backend: StateBackend) -> bool:
@@ -407,12 +395,8 @@ def _check_status(status: str | None) -> str | None:
 
 def _meta_value(text: str) -> MetadataValue:
     """A --meta value: a JSON scalar when it parses as one (3, true, null, "3"), else the text."""
-
-    def refuse(constant: str) -> Any:
-        raise ValueError(constant)
-
     try:
-        value = json.loads(text, parse_constant=refuse)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except ValueError:
         return text
     if value is None or isinstance(value, (str, bool, int)):
@@ -452,7 +436,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 def parse_since(text: str) -> datetime:
-    """``--since``: an ISO date/time (UTC unless it says otherwise) or an age such as ``2h``."""
+    """``--since``: an ISO date/time (local time unless it has an offset) or an age (``2h``)."""
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -464,13 +448,17 @@ def parse_since(text: str) -> datetime:
                 "2026-05-01T12:00:00+02:00) or an age (30m, 12h, 7d)",
                 EXIT_USAGE,
             ) from exc
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.astimezone()  # naive: local time, as everywhere
+
+
+def _refuse_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _json_input(text: str) -> Any:
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:
         raise CliError(f"--input is not valid JSON: {exc}", EXIT_USAGE) from exc
 
 
@@ -547,7 +535,8 @@ def _load_object(spec: str, *, what: str) -> object:
 
 
 def _wrong_type(spec: str, obj: object, wanted: str) -> CliError:
-    return CliError(f"{spec!r} is a {type(obj).__name__}, not {wanted}", EXIT_CONFIG)
+    kind = type(obj).__name__
+    return CliError(f"{spec!r} is an object of type {kind}, not {wanted}", EXIT_CONFIG)
 
 
 def _total_steps(runner: Flujo[Any, Any, Any]) -> int | None:
@@ -888,7 +877,10 @@ def runs_prune_command(
     """Delete runs not updated for a while (optionally only those of one status)."""
     age = parse_duration(older_than)
     status = _check_status(status)
-    cutoff = datetime.now(UTC) - age
+    try:
+        cutoff = datetime.now(UTC) - age
+    except OverflowError as exc:
+        raise CliError(f"duration {older_than!r} is too long", EXIT_USAGE) from exc
     which = f"{status} runs" if status else "runs"
     if not yes:
         question = f"Delete {which} in {_store_name()} not updated since {_when(cutoff)} UTC?"
@@ -1090,7 +1082,7 @@ def config_show_command(as_json: Annotated[bool, _JSON_OPTION] = False) -> None:
     for name in type(settings).model_fields:
         value = getattr(settings, name)
         if isinstance(value, str) and name.endswith("_uri"):
-            value = redact(value)
+            value = redact_uri(value)
         values[name] = value
     if as_json:
         payload = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from flujo.exceptions import ConfigurationError
 
@@ -80,13 +80,46 @@ def backend_from_uri(
     if scheme in ("postgresql", "postgres"):
         from flujo.state.backends.postgres import PostgresBackend  # noqa: PLC0415
 
+        dsn, schema = _postgres_schema(uri)
         return PostgresBackend(
-            uri, pool_min=postgres_pool_min, pool_max=postgres_pool_max, **backend_options
+            dsn,
+            pool_min=postgres_pool_min,
+            pool_max=postgres_pool_max,
+            schema=schema,
+            **backend_options,
         )
     raise ConfigurationError(
         f"state URI scheme {scheme!r} is not supported (use sqlite, postgresql, file or memory): "
         f"{redact_uri(uri)!r}"
     )
+
+
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _postgres_schema(uri: str) -> tuple[str, str | None]:
+    """Take flujo's ``schema=`` option (or a one-schema ``search_path=``) out of a DSN.
+
+    The schema is then created by ``flujo migrate`` and set as the connections' search_path.
+    """
+    base, sep, query = uri.partition("?")
+    if not sep:
+        return uri, None
+    params = parse_qsl(query, keep_blank_values=True)
+    names = {key for key, _ in params}
+    for key in ("schema", "search_path"):
+        value = dict(params).get(key)
+        if value is None or (key == "search_path" and "schema" in names):
+            continue
+        if _IDENTIFIER.fullmatch(value) is None:
+            if key == "schema":
+                raise ConfigurationError(
+                    f"state URI {redact_uri(uri)!r}: schema must be a plain lower-case identifier"
+                )
+            return uri, None  # a list of schemas: passed to the server as it is
+        rest = [(k, v) for k, v in params if k != key]
+        return base + ("?" + urlencode(rest) if rest else ""), value
+    return uri, None
 
 
 def _sqlite(uri: str, rest: str, options: dict[str, Any]) -> StateBackend:

@@ -114,7 +114,7 @@ def metadata_filter_items(metadata_filter: Mapping[str, Any] | None) -> list[tup
                 key=key,
             )
         try:
-            items.append((key, orjson.dumps(value)))
+            items.append((key, _canonical(value)))
         except TypeError as exc:  # a lone surrogate, an int over 64 bits
             raise InvalidMetadataError(f"metadata filter {key!r}: {exc}", key=key) from exc
     return items
@@ -124,10 +124,17 @@ def metadata_index(metadata: bytes) -> list[tuple[str, bytes]]:
     """The (key, canonical JSON) pairs of a run's metadata that filters can match (scalars)."""
     data = orjson.loads(metadata)
     return [
-        (key, orjson.dumps(value))
+        (key, _canonical(value))
         for key, value in data.items()
         if value is None or isinstance(value, (str, int, float, bool))
     ]
+
+
+def _canonical(value: MetadataValue) -> bytes:
+    """One JSON spelling per value, so that equal numbers match (3 == 3.0, as JSON has it)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
+    return orjson.dumps(value)
 
 
 def validate_run_id(run_id: object) -> str:
