@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,16 +53,31 @@ HOSTILE_RUN_IDS: list[Any] = [
 
 
 @dataclass(frozen=True)
+class Store:
+    """Where one test's runs live: a fresh directory, and for Postgres a fresh schema."""
+
+    location: Path
+    """A directory unique to the test (file-based backends keep everything under it)."""
+    postgres_dsn: str | None = None
+    postgres_schema: str | None = None
+    """A schema unique to the test, dropped after it (Postgres only)."""
+
+
+@dataclass(frozen=True)
 class BackendFactory:
     """How to open one kind of backend on a per-test store."""
 
     name: str
     create: Callable[..., StateBackend]
-    """``create(location, **kwargs)``: a backend storing under ``location`` (unique per test);
+    """``create(store, **kwargs)``: a backend on ``store`` (a :class:`Store`, unique per test);
     ``kwargs`` are StateBackend options such as ``serializer_default``, ``max_payload_bytes``."""
     persistent: bool
-    """Whether a second backend opened on the same ``location`` sees the first one's runs."""
+    """Whether a second backend opened on the same store sees the first one's runs."""
     marks: tuple[pytest.MarkDecorator, ...] = ()
+    prepare: Callable[[Store], Awaitable[None]] | None = None
+    """Run once per test before the first backend opens (Postgres: create the schema)."""
+    postgres: bool = False
+    """Needs the ``postgres_dsn`` fixture (fails under CI=true without a server, else skips)."""
 
 
 _SEQ = itertools.count()
@@ -128,6 +143,7 @@ def run_header(
     step_names: list[str] | None = None,
     initial_input: bytes = b'"start"',
     created_at: float = T0,
+    metadata: dict[str, Any] | None = None,
 ) -> RunHeader:
     return RunHeader(
         pipeline_id=pipeline_name,
@@ -136,6 +152,7 @@ def run_header(
         step_names=orjson.dumps(step_names if step_names is not None else ["a", "b", "c"]),
         initial_input=initial_input,
         created_at=created_at,
+        metadata=orjson.dumps(metadata if metadata is not None else {}),
     )
 
 

@@ -13,11 +13,13 @@ import pytest
 from backend_helpers import checkpoint, run_header, sample_state
 
 from flujo.exceptions import (
+    ConfigurationError,
     CorruptStateError,
     SchemaVersionError,
     StateBackendError,
 )
 from flujo.state import SQLiteBackend
+from flujo.state.backends.base import to_datetime
 from flujo.state.backends.sqlite import MIGRATIONS
 
 
@@ -115,9 +117,12 @@ async def test_a_store_with_a_newer_schema_is_refused(
     assert _rows(db_path, "SELECT run_id, status, version FROM runs") == [("r", "running", 2)]
 
 
-async def test_synchronous_must_be_a_known_mode(db_path: Path) -> None:
-    with pytest.raises(StateBackendError):
-        SQLiteBackend(db_path, synchronous="SOMETIMES; DROP TABLE runs")  # type: ignore[arg-type]
+@pytest.mark.parametrize("mode", ["SOMETIMES; DROP TABLE runs", "normal", "", "FULL ", None, 2])
+async def test_synchronous_must_be_a_known_mode(db_path: Path, mode: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        SQLiteBackend(db_path, synchronous=mode)
+    assert repr(mode) in str(info.value)
+    assert not db_path.exists()  # refused before anything was opened
 
 
 @pytest.mark.parametrize("mode", ["OFF", "NORMAL", "FULL", "EXTRA"])
@@ -373,3 +378,38 @@ async def test_aclose_reopens_the_file(sqlite_backend: SQLiteBackend, db_path: P
 
     assert await sqlite_backend.load_state("r") == sample_state("r")
     assert sqlite_backend._conn is not None
+
+
+# -- bulk deletion leaves nothing behind -----------------------------------------------------------
+
+
+async def test_deletes_leave_no_rows_behind(sqlite_backend: SQLiteBackend, db_path: Path) -> None:
+    for i in range(4):
+        header = run_header(metadata={"tenant": "acme", "i": i, "nested": {"x": 1}})
+        await sqlite_backend.write_checkpoint(
+            checkpoint(
+                sqlite_backend,
+                f"r{i}",
+                0,
+                header=header,
+                context={"a": i, "b": [i]},
+                steps=[{"i": 0}, {"i": 1}],
+                updated_at=1000.0 + i,
+            )
+        )
+    tables = ("runs", "run_context", "run_steps", "run_metadata")
+
+    def counts() -> dict[str, int]:
+        return {t: _rows(db_path, f"SELECT COUNT(*) FROM {t}")[0][0] for t in tables}
+
+    # Only scalar metadata is indexed: two keys per run.
+    assert counts() == {"runs": 4, "run_context": 8, "run_steps": 8, "run_metadata": 8}
+
+    await sqlite_backend.delete_state("r0")
+    assert await sqlite_backend.delete_runs(updated_before=to_datetime(1002.0)) == 1  # r1
+
+    assert counts() == {"runs": 2, "run_context": 4, "run_steps": 4, "run_metadata": 4}
+    left = {
+        row[0] for table in tables for row in _rows(db_path, f"SELECT DISTINCT run_id FROM {table}")
+    }
+    assert left == {"r2", "r3"}

@@ -4,7 +4,8 @@ Run as ``python _crash_child.py '<json config>'``; it prints one JSON line with 
 ``{"status": ..., "output": ...}`` when the run returned, or ``{"error": "<class name>", ...}``
 when ``run_async`` raised. Config keys (all but the first four optional):
 
-- ``backend``: ``"sqlite"`` or ``"file"``; ``store``: the database file or the state directory;
+- ``backend``: ``"sqlite"``, ``"file"`` or ``"postgres"``; ``store``: the database file, the
+  state directory, or for Postgres the DSN; ``schema``: the Postgres schema (already migrated);
   ``run_id``; ``effects``: the side-effect file (each step appends ``"<index>\\n"`` with one
   ``os.write`` on an ``O_APPEND`` descriptor, so a line is on disk the moment it is written).
 - ``kill``: ``[point, k]``: SIGKILL this process at ``point`` of step ``k``:
@@ -35,6 +36,7 @@ from typing import Any
 from flujo import Flujo, Pipeline, PipelineContext, Step
 from flujo.state.backends.base import Checkpoint, StateBackend
 from flujo.state.backends.file import FileBackend
+from flujo.state.backends.postgres import PostgresBackend
 from flujo.state.backends.sqlite import SQLiteBackend
 
 STEPS = 10
@@ -110,6 +112,8 @@ os.replace = _replace  # the file backend calls os.replace through the os module
 def make_backend() -> StateBackend:
     if config["backend"] == "sqlite":
         return KillingSQLiteBackend(config["store"])
+    if config["backend"] == "postgres":
+        return PostgresBackend(config["store"], schema=config["schema"], pool_max=2)
     return KillingFileBackend(config["store"])
 
 
