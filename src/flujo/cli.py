@@ -32,14 +32,12 @@ import logging
 import math
 import os
 import re
-import sqlite3
 import sys
 import traceback
 import warnings
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO, get_args
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -635,30 +633,14 @@ def migrate_command() -> None:
     store = _store_name()
 
     async def work() -> str:
-        from flujo.state.backends.postgres import PostgresBackend  # noqa: PLC0415
-        from flujo.state.backends.sqlite import SQLiteBackend  # noqa: PLC0415
-
         try:
-            if isinstance(backend, PostgresBackend):
-                applied = await backend.migrate()
-                version = await backend.schema_version()
-                return _migrated(store, applied, version)
-            if isinstance(backend, SQLiteBackend):
-                existed = backend.path.exists()
-                before = _sqlite_version(backend.path) if existed else 0
-                version = backend.schema_version()  # opening migrates
-                if not existed:
-                    return (
-                        f"Created SQLite store {store}; schema at version {version}. "
-                        "(SQLite stores also migrate themselves when opened.)"
-                    )
-                applied = list(range(before + 1, version + 1))
-                return _migrated(store, applied, version) + (
-                    " (SQLite stores also migrate themselves when opened.)"
-                )
-            return f"{store}: this store has no schema to migrate; nothing to do."
+            applied = await backend.migrate()
+            version = await backend.schema_version()
         finally:
             await backend.aclose()
+        if version is None:
+            return f"{store}: this store has no schema to migrate; nothing to do."
+        return _migrated(store, applied, version)
 
     _console().print(Text(asyncio.run(work())))
 
@@ -669,21 +651,6 @@ def _migrated(store: str, applied: list[int], version: int) -> str:
     numbers = ", ".join(str(n) for n in applied)
     noun = "migration" if len(applied) == 1 else "migrations"
     return f"Applied {noun} {numbers} to {store}; schema at version {version}."
-
-
-def _sqlite_version(path: Path) -> int:
-    """The schema version of a SQLite store, read without migrating it (0: no flujo tables)."""
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return 0
-    try:
-        row = conn.execute("SELECT MAX(version) FROM flujo_schema").fetchone()
-        return int(row[0] or 0)
-    except sqlite3.Error:
-        return 0
-    finally:
-        conn.close()
 
 
 # -- flujo runs ... --------------------------------------------------------------------------------

@@ -71,10 +71,18 @@ def _rows(db_path: Path, sql: str) -> list[tuple[Any, ...]]:
 async def test_a_new_store_is_migrated_to_the_latest_schema(
     sqlite_backend: SQLiteBackend, db_path: Path
 ) -> None:
-    assert sqlite_backend.schema_version() == len(MIGRATIONS)
+    assert await sqlite_backend.schema_version() == len(MIGRATIONS)
     tables = {row[0] for row in _rows(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"runs", "run_context", "run_steps", "flujo_schema"} <= tables
     assert _rows(db_path, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_migrate_reports_what_it_applied(tmp_path: Path) -> None:
+    fresh = SQLiteBackend(tmp_path / "fresh.db")
+    assert await fresh.migrate() == list(range(1, len(MIGRATIONS) + 1))
+    assert await fresh.migrate() == []
+    await fresh.aclose()
+    assert await SQLiteBackend(tmp_path / "fresh.db").migrate() == []
 
 
 async def test_reopening_does_not_migrate_again(
@@ -85,7 +93,8 @@ async def test_reopening_does_not_migrate_again(
     await first.aclose()
 
     second = open_sqlite()
-    assert second.schema_version() == len(MIGRATIONS)
+    assert await second.migrate() == []  # an up-to-date store: nothing to apply
+    assert await second.schema_version() == len(MIGRATIONS)
     assert _rows(db_path, "SELECT COUNT(*) FROM flujo_schema") == [(len(MIGRATIONS),)]
     assert await second.load_state("r") == sample_state("r")
 
@@ -112,7 +121,9 @@ async def test_a_store_with_a_newer_schema_is_refused(
         assert info.value.found == newer
         assert info.value.expected == len(MIGRATIONS)
     with pytest.raises(SchemaVersionError):
-        backend.schema_version()
+        await backend.schema_version()
+    with pytest.raises(SchemaVersionError):
+        await backend.migrate()
 
     assert _rows(db_path, "SELECT run_id, status, version FROM runs") == [("r", "running", 2)]
 

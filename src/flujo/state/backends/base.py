@@ -19,6 +19,7 @@ correct for a single process but not atomic across processes.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from abc import ABC, abstractmethod
@@ -112,6 +113,10 @@ def metadata_filter_items(metadata_filter: Mapping[str, Any] | None) -> list[tup
                 f"metadata filter {key!r}: only strings, numbers, booleans and None can be "
                 f"compared, got {type(value).__name__}",
                 key=key,
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidMetadataError(
+                f"metadata filter {key!r}: {value!r} is not a finite number", key=key
             )
         try:
             items.append((key, _canonical(value)))
@@ -308,6 +313,17 @@ class StateBackend(ABC):
         await self.save_state(checkpoint.run_id, state)
         return int(state["version"])
 
+    async def migrate(self) -> list[int]:
+        """Bring the store's schema up to date; return the numbers of the migrations applied.
+
+        Stores without a schema (memory, files) have nothing to do.
+        """
+        return []
+
+    async def schema_version(self) -> int | None:
+        """The store's schema version, or None for stores without a schema."""
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections and files. The backend reopens them if used again."""
 
@@ -410,7 +426,7 @@ def checkpoint_from_state(run_id: str, state: dict[str, Any], serializer: Serial
             replace=True,
             version=None if version is None else int(version),
         )
-    except SerializationError:
+    except (SerializationError, InvalidMetadataError):
         raise
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"state of run {run_id!r}: {exc}", path="state") from exc

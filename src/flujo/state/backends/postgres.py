@@ -9,6 +9,11 @@ Layout (tables prefixed ``flujo_``, in the schema named by ``schema=`` or the co
 guard; metadata in JSONB with a GIN index), ``flujo_run_context`` (one row per context field),
 ``flujo_run_steps`` (one row per step record), ``flujo_schema_version`` (applied migrations).
 
+State values are stored as ``json`` (Postgres keeps the exact text), metadata as ``jsonb``
+(queried by containment). ``jsonb`` would rewrite numbers (``1e16`` comes back as the integer
+``10000000000000000``, ``-0.0`` as ``0.0``, so a float would come back as an int) and refuses the
+NUL character; ``json`` gives back exactly what was written.
+
 A checkpoint is one SQL statement (a data-modifying CTE): the guarded update of the run's row
 and the inserts that depend on it commit together or not at all, in one round trip.
 """
@@ -63,14 +68,14 @@ MIGRATIONS: tuple[str, ...] = (
         pipeline_id text NOT NULL,
         pipeline_name text NOT NULL,
         pipeline_version text NOT NULL,
-        step_names jsonb NOT NULL,
-        initial_input jsonb NOT NULL,
+        step_names json NOT NULL,
+        initial_input json NOT NULL,
         metadata jsonb NOT NULL DEFAULT '{}',
         status text NOT NULL,
         current_step_index integer NOT NULL,
         version bigint NOT NULL,
-        last_step_output jsonb NOT NULL,
-        error jsonb,
+        last_step_output json NOT NULL,
+        error json,
         created_at double precision NOT NULL,
         updated_at double precision NOT NULL
     ) WITH (fillfactor = 70);
@@ -82,13 +87,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE flujo_run_context (
         run_id text NOT NULL,
         field text NOT NULL,
-        value jsonb NOT NULL,
+        value json NOT NULL,
         PRIMARY KEY (run_id, field)
     );
     CREATE TABLE flujo_run_steps (
         run_id text NOT NULL,
         seq integer NOT NULL,
-        record jsonb NOT NULL,
+        record json NOT NULL,
         PRIMARY KEY (run_id, seq)
     );
     """,
@@ -126,12 +131,12 @@ WITH run AS (
 ), steps AS (
     INSERT INTO flujo_run_steps (run_id, seq, record)
     SELECT run.run_id, $9 + s.i - 1, s.record
-    FROM run, unnest($10::jsonb[]) WITH ORDINALITY AS s(record, i)
+    FROM run, unnest($10::json[]) WITH ORDINALITY AS s(record, i)
     ON CONFLICT (run_id, seq) DO UPDATE SET record = EXCLUDED.record
 ), fields AS (
     INSERT INTO flujo_run_context (run_id, field, value)
     SELECT run.run_id, f.field, f.value
-    FROM run, unnest($11::text[], $12::jsonb[]) AS f(field, value)
+    FROM run, unnest($11::text[], $12::json[]) AS f(field, value)
     ON CONFLICT (run_id, field) DO UPDATE SET value = EXCLUDED.value
 )
 SELECT count(*) FROM run
@@ -149,11 +154,11 @@ WITH run AS (
 ), steps AS (
     INSERT INTO flujo_run_steps (run_id, seq, record)
     SELECT run.run_id, $15 + s.i - 1, s.record
-    FROM run, unnest($16::jsonb[]) WITH ORDINALITY AS s(record, i)
+    FROM run, unnest($16::json[]) WITH ORDINALITY AS s(record, i)
 ), fields AS (
     INSERT INTO flujo_run_context (run_id, field, value)
     SELECT run.run_id, f.field, f.value
-    FROM run, unnest($17::text[], $18::jsonb[]) AS f(field, value)
+    FROM run, unnest($17::text[], $18::json[]) AS f(field, value)
 )
 SELECT count(*) FROM run
 """
@@ -181,6 +186,8 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (
         asyncpg.exceptions.ConnectionDoesNotExistError,
         asyncpg.exceptions.InterfaceError,
+        # raised by a pooled connection the server closed while it sat idle
+        asyncpg.exceptions.InternalClientError,
         asyncpg.exceptions.PostgresConnectionError,
         asyncpg.exceptions.AdminShutdownError,
         asyncpg.exceptions.CannotConnectNowError,
@@ -235,6 +242,7 @@ class PostgresBackend(StateBackend):
         self._pool: asyncpg.Pool | None = None
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._pool_lock: asyncio.Lock | None = None
+        self._schema_checked = False
 
     def __repr__(self) -> str:
         return f"PostgresBackend({redact_uri(self.dsn)!r}, schema={self.schema!r})"
@@ -243,24 +251,36 @@ class PostgresBackend(StateBackend):
 
     async def _get_pool(self, *, check_schema: bool = True) -> asyncpg.Pool:
         loop = asyncio.get_running_loop()
-        if self._pool is not None and self._pool_loop is loop:
-            return self._pool
+        pool = self._pool
+        if (
+            pool is not None
+            and self._pool_loop is loop
+            and (self._schema_checked or not check_schema)
+        ):
+            return pool
         if self._pool_lock is None or self._pool_loop is not loop:
             self._pool_lock = asyncio.Lock()
-            if self._pool is not None:  # made in an event loop that is gone (or elsewhere)
-                self._pool.terminate()
-            self._pool, self._pool_loop = None, loop
+            self._drop_pool()  # made in an event loop that is gone (or another one)
+            self._pool_loop = loop
         async with self._pool_lock:
             if self._pool is None:
-                pool = await self._create_pool()
-                if check_schema:
-                    try:
-                        await self._check_schema(pool)
-                    except BaseException:
-                        pool.terminate()
-                        raise
-                self._pool = pool
+                self._pool = await self._create_pool()
+                self._schema_checked = False
+            if check_schema and not self._schema_checked:
+                await self._check_schema(self._pool)
+                self._schema_checked = True
             return self._pool
+
+    def _drop_pool(self) -> None:
+        """Forget the pool, closing its connections at once (no waiting, any event loop)."""
+        pool, self._pool = self._pool, None
+        self._schema_checked = False
+        if pool is None:
+            return
+        try:
+            pool.terminate()
+        except RuntimeError:  # its event loop is closed: the sockets go with the pool
+            logger.debug("dropped a Postgres pool whose event loop is closed")
 
     async def _create_pool(self) -> asyncpg.Pool:
         try:
@@ -364,8 +384,8 @@ class PostgresBackend(StateBackend):
 
     async def aclose(self) -> None:
         """Drain and close the pool (it reopens on next use)."""
-        pool, self._pool = self._pool, None
-        loop, self._pool_loop = self._pool_loop, None
+        pool, loop = self._pool, self._pool_loop
+        self._pool_loop = None
         self._pool_lock = None
         if pool is None:
             return
@@ -374,9 +394,11 @@ class PostgresBackend(StateBackend):
         except RuntimeError:
             running = None
         if running is loop:
+            self._pool = None
+            self._schema_checked = False
             await pool.close()
         else:  # its event loop is gone: nothing can be awaited there any more
-            pool.terminate()
+            self._drop_pool()
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -387,7 +409,7 @@ class PostgresBackend(StateBackend):
         that committed is not applied twice; one that did not is retried once.
         """
         validate_run_id(checkpoint.run_id)
-        _check_nul(checkpoint)
+        _check_text(checkpoint)
         with _errors(self.dsn, checkpoint.run_id):
             try:
                 return await self._write(checkpoint)
@@ -397,23 +419,39 @@ class PostgresBackend(StateBackend):
                     checkpoint.run_id,
                     exc,
                 )
-                self._forget_pool()
-                if await self._landed(checkpoint):
-                    return checkpoint.new_version(checkpoint.expected_version or 0)
+                self._drop_pool()
+                landed = await self._landed(checkpoint)
+                if landed is not None:
+                    return landed
                 return await self._write(checkpoint)
 
-    async def _landed(self, cp: Checkpoint) -> bool:
-        """After a lost connection: did ``cp`` commit? (Only it stamps this exact updated_at.)"""
+    async def _landed(self, cp: Checkpoint) -> int | None:
+        """After a lost connection: the version ``cp`` stored if it committed, else None.
+
+        It committed if the run holds exactly what it wrote: its version, its timestamp, its
+        status and error, and its first step record (``json`` columns keep the exact text).
+        """
         pool = await self._get_pool()
         row = await pool.fetchrow(
-            "SELECT version, updated_at FROM flujo_runs WHERE run_id = $1", cp.run_id
+            "SELECT version, updated_at, status, error, current_step_index, "
+            "(SELECT record FROM flujo_run_steps s WHERE s.run_id = r.run_id AND s.seq = $2) "
+            "FROM flujo_runs r WHERE run_id = $1",
+            cp.run_id,
+            cp.step_offset,
         )
-        return row is not None and row["updated_at"] == cp.updated_at
-
-    def _forget_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.terminate()
+        if row is None:
+            return None
+        version = int(row[0])
+        stored = (float(row[1]), row[2], row[3], int(row[4]), row[5] if cp.steps else None)
+        written = (
+            cp.updated_at,
+            cp.status,
+            cp.error,
+            cp.current_step_index,
+            cp.steps[0] if cp.steps else None,
+        )
+        expected = cp.new_version(cp.expected_version or 0)
+        return version if version == expected and stored == written else None
 
     async def _write(self, cp: Checkpoint) -> int:
         pool = await self._get_pool()
@@ -465,11 +503,18 @@ class PostgresBackend(StateBackend):
             expected,
             cp.step_offset,
         )
-        if len(cp.steps) == 1 and not cp.context:
-            advanced = await pool.fetchval(_ADVANCE, *common, cp.steps[0])
-        else:
-            fields, values = _context_arrays(cp)
-            advanced = await pool.fetchval(_ADVANCE_MANY, *common, cp.steps, fields, values)
+        import asyncpg  # noqa: PLC0415 - loaded by the pool already
+
+        try:
+            if len(cp.steps) == 1 and not cp.context:
+                advanced = await pool.fetchval(_ADVANCE, *common, cp.steps[0])
+            else:
+                fields, values = _context_arrays(cp)
+                advanced = await pool.fetchval(_ADVANCE_MANY, *common, cp.steps, fields, values)
+        except asyncpg.exceptions.UniqueViolationError:
+            # Records from step_offset on are replaced (never the case for the runner, which
+            # always appends; kept for the contract every backend shares). Nothing was written.
+            return await self._replace(pool, cp, from_offset=True)
         if not advanced:
             await self._raise_conflict(pool, cp)
         return version
@@ -484,8 +529,11 @@ class PostgresBackend(StateBackend):
             actual_version=None if stored is None else int(stored),
         )
 
-    async def _replace(self, pool: asyncpg.Pool, cp: Checkpoint) -> int:
-        """A whole-state save (or an unguarded write): in one transaction, rows locked."""
+    async def _replace(
+        self, pool: asyncpg.Pool, cp: Checkpoint, *, from_offset: bool = False
+    ) -> int:
+        """A whole-state save, an unguarded write, or a rewrite of the step records from
+        ``step_offset``: in one transaction, with the run's row locked."""
         async with pool.acquire() as conn, conn.transaction():
             stored = await conn.fetchval(
                 "SELECT version FROM flujo_runs WHERE run_id = $1 FOR UPDATE", cp.run_id
@@ -493,6 +541,12 @@ class PostgresBackend(StateBackend):
             stored_version = None if stored is None else int(stored)
             check_version(cp, stored_version)
             version = cp.new_version(stored_version or 0)
+            if from_offset:
+                await conn.execute(
+                    "DELETE FROM flujo_run_steps WHERE run_id = $1 AND seq >= $2",
+                    cp.run_id,
+                    cp.step_offset,
+                )
             if cp.replace and stored_version is not None:
                 await conn.execute(_DELETE_WHERE.format(where="run_id = $1"), cp.run_id)
                 stored_version = None
@@ -615,6 +669,9 @@ class PostgresBackend(StateBackend):
 
         A metadata filter is one JSONB containment test (``metadata @> $n``) on the GIN index.
         """
+        items = metadata_filter_items(metadata_filter)
+        if _holds_nul(status, pipeline_name, *(value for _, value in items)):
+            return []  # Postgres text and JSONB cannot hold NUL: nothing stored can match
         clauses: list[str] = []
         params: list[Any] = []
 
@@ -626,7 +683,6 @@ class PostgresBackend(StateBackend):
             clauses.append(f"status = {bind(status)}")
         if pipeline_name is not None:
             clauses.append(f"pipeline_name = {bind(pipeline_name)}")
-        items = metadata_filter_items(metadata_filter)
         if items:
             wanted = b"{" + b",".join(orjson.dumps(k) + b":" + v for k, v in items) + b"}"
             clauses.append(f"metadata @> {bind(wanted)}::jsonb")
@@ -665,7 +721,10 @@ class PostgresBackend(StateBackend):
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    """JSONB passes through as the serializer's bytes: no decode, no re-encode."""
+    """JSON and JSONB pass through as the serializer's bytes: no decode, no re-encode."""
+    await conn.set_type_codec(
+        "json", schema="pg_catalog", encoder=bytes, decoder=bytes, format="binary"
+    )
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -696,17 +755,43 @@ def _context_arrays(cp: Checkpoint) -> tuple[list[str], list[bytes]]:
     return list(cp.context), list(cp.context.values())
 
 
-def _check_nul(cp: Checkpoint) -> None:
-    """Postgres JSONB cannot hold the NUL character; say so, naming where it is."""
-    parts: list[tuple[str, bytes | None]] = [("last_step_output", cp.last_step_output)]
-    parts += [(f"pipeline_context.{name}", value) for name, value in cp.context.items()]
-    parts += [(f"step_history[{cp.step_offset + i}]", r) for i, r in enumerate(cp.steps)]
+def _holds_nul(*values: object) -> bool:
+    """Whether any text (or JSON text) holds a NUL character or its JSON escape."""
+    for value in values:
+        if isinstance(value, str) and "\x00" in value:
+            return True
+        if isinstance(value, bytes) and _json_has_nul(value):
+            return True
+    return False
+
+
+def _json_has_nul(data: bytes) -> bool:
+    """Whether JSON text holds the escape ``\\u0000`` (not a literal backslash before it)."""
+    start = data.find(b"\\u0000")
+    while start != -1:
+        backslashes = len(data[:start]) - len(data[:start].rstrip(b"\\"))
+        if backslashes % 2 == 0:  # the escape's own backslash is not itself escaped
+            return True
+        start = data.find(b"\\u0000", start + 1)
+    return False
+
+
+def _check_text(cp: Checkpoint) -> None:
+    """Postgres text columns and JSONB cannot hold NUL: refuse it up front, naming where."""
+    parts: list[tuple[str, object]] = [("status", cp.status)]
+    parts += [(f"pipeline_context field name {name!r}", name) for name in cp.context]
     if cp.header is not None:
-        parts += [("initial_input", cp.header.initial_input), ("metadata", cp.header.metadata)]
-    for path, data in parts:
-        if data is not None and b"\\u0000" in data:
+        header = cp.header
+        parts += [
+            ("pipeline_id", header.pipeline_id),
+            ("pipeline_name", header.pipeline_name),
+            ("pipeline_version", header.pipeline_version),
+            ("metadata", header.metadata),
+        ]
+    for path, value in parts:
+        if _holds_nul(value):
             raise SerializationError(
-                f"{path}: holds a NUL character (\\u0000), which Postgres JSONB cannot store",
+                f"{path}: holds a NUL character, which Postgres cannot store there",
                 path=path,
             )
 

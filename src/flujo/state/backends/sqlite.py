@@ -160,6 +160,7 @@ class SQLiteBackend(StateBackend):
         self.synchronous: Synchronous = synchronous
         self.busy_timeout_s = busy_timeout_s
         self._conn: sqlite3.Connection | None = None
+        self._applied: list[int] = []  # migrations the last _open() applied
         self._lock = threading.Lock()
 
     # -- connection and schema -------------------------------------------------------------------
@@ -189,13 +190,15 @@ class SQLiteBackend(StateBackend):
             conn.execute("PRAGMA journal_mode=WAL")
             # A literal from a fixed set, checked in __init__; pragmas cannot take parameters.
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            self._migrate(conn)
+            self._applied = self._migrate(conn)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
+    def _migrate(self, conn: sqlite3.Connection) -> list[int]:
+        """Apply the migrations the store lacks, in one transaction; return their numbers."""
+        applied = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -220,14 +223,29 @@ class SQLiteBackend(StateBackend):
                         "INSERT INTO flujo_schema (version, applied_at) VALUES (?, ?)",
                         (number, now()),
                     )
+                    applied.append(number)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise _translate(exc, self.path, None) from exc
+        return applied
 
-    def schema_version(self) -> int:
+    async def migrate(self) -> list[int]:
+        """Open the store (creating it if needed), which applies any missing migration.
+
+        Returns the migrations this call applied: ``[]`` when the store was already open or up
+        to date. (A SQLite store migrates itself whenever it is opened; this names that step.)
+        """
+        with self._lock:
+            if self._conn is not None:
+                return []
+            self._conn = self._open()
+            applied, self._applied = self._applied, []
+            return applied
+
+    async def schema_version(self) -> int:
         """The schema version of the store (opening and migrating it if needed)."""
         with self._lock:
             try:
