@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import orjson
 import pytest
 from backend_helpers import (
     CREATED,
@@ -42,9 +43,11 @@ from flujo.exceptions import (
     SerializationError,
     StateConflictError,
 )
-from flujo.state import WorkflowState
+from flujo.state import FileBackend, InMemoryBackend, SQLiteBackend, WorkflowState
 from flujo.state.backends.base import SUMMARY_FIELDS, Checkpoint, StateBackend, to_datetime
+from flujo.state.backends.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from flujo.state.backends.postgres import PostgresBackend
+from flujo.state.backends.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 
 MakeBackend = Callable[..., StateBackend]
 
@@ -394,10 +397,16 @@ def _holds_nul(value: Any) -> bool:
     return False
 
 
-def _refuses_nul(backend: StateBackend) -> bool:
-    """Postgres cannot store the NUL character (in text or JSONB): it raises
-    SerializationError instead (a documented limitation)."""
+def _refuses_nul_in_names(backend: StateBackend) -> bool:
+    """Postgres keeps names in text columns, which cannot hold NUL: pipeline id, name and
+    version, status and context field names (and metadata, in JSONB). It refuses NUL there with
+    SerializationError naming the part; state values (stored as ``json``) hold NUL like on every
+    other backend."""
     return isinstance(backend, PostgresBackend)
+
+
+def _field_names_hold_nul(*contexts: dict[str, Any]) -> bool:
+    return any("\x00" in name for context in contexts for name in context)
 
 
 @pytest.mark.parametrize(
@@ -418,7 +427,7 @@ async def test_list_runs_filter_values_are_data_not_queries(
 ) -> None:
     await _save_runs(backend)
     quoted = sample_state("r-quoted", pipeline_name=hostile)
-    if _holds_nul(hostile) and _refuses_nul(backend):
+    if _holds_nul(hostile) and _refuses_nul_in_names(backend):
         with pytest.raises(SerializationError):
             await backend.save_state("r-quoted", quoted)
         stored = []
@@ -839,6 +848,118 @@ async def test_a_checkpoint_for_a_new_run_needs_a_header(backend: StateBackend) 
     assert await backend.load_state("r") is None
 
 
+# -- the NUL character -----------------------------------------------------------------------------
+
+
+async def test_nul_in_state_values_round_trips(backend: StateBackend) -> None:
+    """NUL ("\\x00") anywhere in a state value (context values and the keys inside them, step
+    records, last output, initial input, error, step names) is stored and comes back exactly,
+    through save_state and through checkpoints, on every backend."""
+    state = sample_state(
+        "r",
+        pipeline_context={"run_id": "r", "text": "a\x00b", "deep": {"k\x00": ["x", "\x00"]}},
+        last_step_output="\x00",
+        initial_input={"in": "nul\x00", "\x00": None},
+        step_history=[{**step_record(0, "a\x00", "x\x00"), "error": "e\x00"}],
+        error={"type": "E\x00", "message": "bad\x00", "step": "a\x00"},
+        step_names=["a\x00", "\x00"],
+    )
+    await backend.save_state("r", state)
+
+    assert await backend.load_state("r") == state
+    [summary] = await backend.list_runs()
+    assert summary["error"] == state["error"]
+
+    header = run_header(step_names=["s\x00"], initial_input=orjson.dumps({"in": "\x00"}))
+    await backend.write_checkpoint(
+        checkpoint(
+            backend,
+            "c",
+            0,
+            header=header,
+            context={"v": "\x00", "n": {"\x00": 1}},
+            steps=[step_record(0, "s\x00", "\x00")],
+            output=["\x00"],
+            index=1,
+            updated_at=T0 + 1,
+        )
+    )
+    error = {"type": "E", "message": "m\x00", "step": "t\x00"}
+    await backend.write_checkpoint(
+        checkpoint(
+            backend,
+            "c",
+            1,
+            status="failed",
+            context={"v": "x\x00y"},
+            steps=[step_record(1, "t\x00", {"\x00": "\x00\x00"})],
+            step_offset=1,
+            output={"\x00": "\x00"},
+            index=2,
+            error=error,
+            updated_at=T0 + 2,
+        )
+    )
+
+    loaded = await backend.load_state("c")
+    assert loaded is not None
+    assert loaded["step_names"] == ["s\x00"]
+    assert loaded["initial_input"] == {"in": "\x00"}
+    assert loaded["pipeline_context"] == {"v": "x\x00y", "n": {"\x00": 1}}
+    assert loaded["step_history"] == [
+        step_record(0, "s\x00", "\x00"),
+        step_record(1, "t\x00", {"\x00": "\x00\x00"}),
+    ]
+    assert loaded["last_step_output"] == {"\x00": "\x00"}
+    assert loaded["error"] == error
+    assert loaded["status"] == "failed"
+    assert loaded["version"] == 2
+
+
+# (what the state holds, where Postgres says the NUL is)
+NUL_IN_NAMES = [
+    pytest.param({"pipeline_id": "p\x00"}, "pipeline_id", id="pipeline_id"),
+    pytest.param({"pipeline_name": "pipe\x00line"}, "pipeline_name", id="pipeline_name"),
+    pytest.param({"pipeline_version": "1.0\x00"}, "pipeline_version", id="pipeline_version"),
+    pytest.param({"status": "running\x00"}, "status", id="status"),
+    pytest.param(
+        {"pipeline_context": {"ok": 1, "field\x00": 1}},
+        "pipeline_context field name",
+        id="context-field-name",
+    ),
+    pytest.param({"metadata": {"tenant": "a\x00"}}, "metadata", id="metadata-value"),
+    pytest.param({"metadata": {"tags": ["\x00"]}}, "metadata", id="metadata-nested"),
+]
+
+
+@pytest.mark.parametrize(("changes", "part"), NUL_IN_NAMES)
+async def test_nul_in_names_and_metadata(
+    backend: StateBackend, changes: dict[str, Any], part: str
+) -> None:
+    """Names and metadata with NUL: stored exactly, except on Postgres, whose text columns and
+    JSONB cannot hold it: there SerializationError names the part and nothing is written."""
+    await backend.save_state("kept", sample_state("kept"))
+    runs_before = await backend.list_runs()
+    changed = sample_state("kept", version=7, **changes)
+    new = sample_state("new", **changes)
+
+    if not _refuses_nul_in_names(backend):
+        await backend.save_state("kept", changed)
+        await backend.save_state("new", new)
+        assert await backend.load_state("kept") == changed
+        assert await backend.load_state("new") == new
+        return
+
+    for run_id, state in (("kept", changed), ("new", new)):
+        with pytest.raises(SerializationError) as info:
+            await backend.save_state(run_id, state)
+        assert info.value.path.startswith(part), info.value.path
+        assert isinstance(info.value, FlujoError)
+    assert await backend.load_state("kept") == sample_state("kept")
+    assert await backend.load_state("new") is None
+    assert await backend.list_runs() == runs_before
+
+
 # -- round trips of arbitrary JSON data (hypothesis) -----------------------------------------------
 
 
@@ -858,8 +979,8 @@ async def test_save_state_round_trips_json_data(
     initial_input: Any,
     error: dict[str, Any] | None,
 ) -> None:
-    if _refuses_nul(backend):
-        assume(not _holds_nul([context, output, history, initial_input, error]))
+    if _refuses_nul_in_names(backend):  # NUL in values is stored; in field names, refused
+        assume(not _field_names_hold_nul(context))
     run_id = unique_run_id()
     state = sample_state(
         run_id,
@@ -893,8 +1014,8 @@ async def test_checkpoints_round_trip_json_data(
     initial: dict[str, Any],
     updates: list[tuple[dict[str, Any], list[dict[str, Any]], tuple[Any] | None]],
 ) -> None:
-    if _refuses_nul(backend):
-        assume(not _holds_nul([initial, updates]))
+    if _refuses_nul_in_names(backend):  # NUL in values is stored; in field names, refused
+        assume(not _field_names_hold_nul(initial, *(changed for changed, _, _ in updates)))
     run_id = unique_run_id()
     version = await backend.write_checkpoint(
         checkpoint(backend, run_id, 0, header=run_header(), context=initial)
@@ -1369,6 +1490,46 @@ async def test_loading_runs_no_code(backend: StateBackend, monkeypatch: pytest.M
     )
     assert calls == []
     assert not Path("/tmp/flujo-pwned").exists()
+
+
+# -- schema: migrate() and schema_version() ------------------------------------------------------
+
+
+def _schema_expectations(backend: StateBackend) -> tuple[int | None, list[int]]:
+    """(schema_version, what the first migrate() applies) for a backend of this suite.
+
+    The suite migrates a Postgres schema before the test (its ``prepare``); a SQLite store
+    migrates itself when first opened; memory and files have no schema.
+    """
+    if isinstance(backend, PostgresBackend):
+        return len(POSTGRES_MIGRATIONS), []
+    if isinstance(backend, SQLiteBackend):
+        return len(SQLITE_MIGRATIONS), list(range(1, len(SQLITE_MIGRATIONS) + 1))
+    assert isinstance(backend, (InMemoryBackend, FileBackend)), f"add {backend!r} here"
+    return None, []
+
+
+async def test_migrate_and_schema_version(
+    backend_factory: BackendFactory, make_backend: MakeBackend
+) -> None:
+    """Every backend has ``async migrate() -> list[int]`` (the migrations it applied; idempotent)
+    and ``async schema_version() -> int | None`` (None for a store without a schema)."""
+    backend = make_backend()
+    version, first = _schema_expectations(backend)
+
+    assert await backend.migrate() == first
+    assert await backend.migrate() == []
+    assert await backend.schema_version() == version
+
+    await backend.save_state("r", sample_state("r"))
+    assert await backend.migrate() == []
+    assert await backend.schema_version() == version
+    assert await backend.load_state("r") == sample_state("r")
+    if backend_factory.persistent:
+        other = make_backend()
+        assert await other.migrate() == []
+        assert await other.schema_version() == version
+        assert await other.load_state("r") == sample_state("r")
 
 
 # -- closing ---------------------------------------------------------------------------------------

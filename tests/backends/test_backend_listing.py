@@ -24,7 +24,8 @@ def _ids(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _refuses_nul(backend: StateBackend) -> bool:
-    """Postgres cannot store NUL (a documented JSONB limitation: SerializationError)."""
+    """Postgres cannot store NUL in metadata (JSONB) or in text columns (status, pipeline
+    name): storing it raises SerializationError, and filtering by it finds nothing."""
     return isinstance(backend, PostgresBackend)
 
 
@@ -306,6 +307,45 @@ async def test_metadata_filter_with_the_other_filters(backend: StateBackend) -> 
     assert summaries[0]["metadata"] == dict(FILTER_RUNS)["m-b"]
 
 
+# (stored, filter): equal as JSON numbers, whatever the spelling (int or integral float).
+EQUAL_NUMBERS = [
+    (3, 3.0),
+    (3.0, 3),
+    (3.0, 3.0),
+    (0, 0.0),
+    (0.0, 0),
+    (-0.0, 0),
+    (0, -0.0),
+    (-2, -2.0),
+    (-2.0, -2),
+    (10**15, 1e15),
+    (1e15, 10**15),
+    (2**53 - 1, float(2**53 - 1)),
+    (float(2**53 - 1), 2**53 - 1),
+]
+
+
+@pytest.mark.parametrize(("stored", "wanted"), EQUAL_NUMBERS)
+async def test_metadata_numbers_compare_as_json_numbers(
+    backend: StateBackend, stored: float, wanted: float
+) -> None:
+    """A filter {"n": 3.0} finds a run stored with 3, and {"n": 3} one stored with 3.0, on
+    every backend; the stored metadata itself is given back as it was written."""
+    await backend.save_state("r", sample_state("r", metadata={"n": stored, "k": "v"}))
+    await backend.save_state("other", sample_state("other", metadata={"n": stored - 1}))
+    await backend.save_state("text", sample_state("text", metadata={"n": str(stored)}))
+
+    assert _ids(await backend.list_runs(metadata_filter={"n": wanted})) == ["r"]
+    assert _ids(await backend.list_runs(metadata_filter={"n": wanted, "k": "v"})) == ["r"]
+    assert await backend.list_runs(metadata_filter={"n": wanted, "k": "w"}) == []
+    assert _ids(await backend.list_runs(metadata_filter={"n": wanted - 1})) == ["other"]
+    assert await backend.list_runs(metadata_filter={"n": 0.5}) == []
+    loaded = await backend.load_state("r")
+    assert loaded is not None
+    assert loaded["metadata"] == {"n": stored, "k": "v"}
+    assert type(loaded["metadata"]["n"]) is type(stored)
+
+
 @pytest.mark.parametrize("key", ["a", "A-b.c_d", "0", "_", "k" * MAX_METADATA_KEY_LENGTH])
 async def test_edge_case_metadata_keys_are_filterable(backend: StateBackend, key: str) -> None:
     await backend.save_state("r", sample_state("r", metadata={key: "v", "other": 1}))
@@ -406,7 +446,8 @@ HOSTILE_VALUES = [
     "1",
     "x" * 100_000,
 ]
-#: Hostile values with the NUL character, which Postgres cannot store (but can look for).
+#: Hostile values with the NUL character, which Postgres cannot store in metadata (looking for
+#: them there finds nothing; elsewhere they match like any other text).
 NUL_VALUES = ["a\x00b", "\x00", "acme\x00"]
 
 

@@ -1,5 +1,6 @@
-"""PostgresBackend specifics: migrations and schema versions, NUL, JSONB round trips, the pool
-and event loops, session settings.
+"""PostgresBackend specifics: migrations and schema versions, NUL (stored in state values,
+refused in names and metadata), exact round trips of values, the pool and event loops, session
+settings.
 
 Every test runs on its own schema (the ``postgres_schema`` fixture). Without a server these
 tests fail under CI=true and skip elsewhere (the ``postgres_dsn`` fixture).
@@ -8,6 +9,7 @@ tests fail under CI=true and skip elsewhere (the ``postgres_dsn`` fixture).
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -49,11 +51,7 @@ async def open_postgres(postgres_dsn: str, postgres_schema: str) -> AsyncIterato
 
     yield make
     for backend in opened:
-        try:
-            await backend.aclose()
-        except RuntimeError as exc:  # the pool of an event loop that is gone: reported by
-            if "Event loop is closed" not in str(exc):  # test_the_backend_works_from_two_...
-                raise
+        await backend.aclose()
 
 
 @pytest.fixture
@@ -289,62 +287,165 @@ async def test_synchronous_commit_sets_the_session_setting(
     assert await backend.load_state("r") == sample_state("r")
 
 
-# -- NUL, which Postgres cannot store --------------------------------------------------------------
+# -- NUL: stored in values, refused in names and metadata ------------------------------------------
+
+# (what the state holds, the part SerializationError names)
+NUL_IN_NAMES = [
+    pytest.param({"pipeline_context": {"ok": 1, "key\x00": 1}}, "pipeline_context", id="field"),
+    pytest.param({"metadata": {"tenant": "a\x00"}}, "metadata", id="metadata"),
+    pytest.param({"metadata": {"deep": {"x": ["\x00"]}}}, "metadata", id="metadata-nested"),
+    pytest.param({"pipeline_id": "p\x00"}, "pipeline_id", id="pipeline_id"),
+    pytest.param({"pipeline_name": "pipe\x00line"}, "pipeline_name", id="pipeline_name"),
+    pytest.param({"pipeline_version": "1\x00"}, "pipeline_version", id="pipeline_version"),
+    pytest.param({"status": "running\x00"}, "status", id="status"),
+]
 
 
-@pytest.mark.parametrize(
-    ("changes", "path"),
-    [
-        ({"pipeline_context": {"ok": 1, "bad": "a\x00b"}}, "pipeline_context.bad"),
-        ({"pipeline_context": {"bad": {"deep": ["x", "\x00"]}}}, "pipeline_context.bad"),
-        ({"pipeline_context": {"key\x00": 1}}, "pipeline_context.key\x00"),
-        ({"last_step_output": "\x00"}, "last_step_output"),
-        ({"initial_input": {"in": "nul\x00"}}, "initial_input"),
-        ({"step_history": [{"output": "x\x00"}]}, "step_history[0]"),
-        ({"metadata": {"tenant": "a\x00"}}, "metadata"),
-        ({"error": {"type": "E", "message": "bad\x00", "step": None}}, "error"),
-        ({"pipeline_name": "pipe\x00line"}, "pipeline_name"),
-        ({"step_names": ["a\x00"]}, "step_names"),
-    ],
-)
-async def test_nul_is_refused_with_serialization_error_and_nothing_is_written(
+@pytest.mark.parametrize(("changes", "part"), NUL_IN_NAMES)
+async def test_nul_in_a_name_or_metadata_is_refused_and_nothing_is_written(
     pg: PostgresBackend,
     postgres_dsn: str,
     postgres_schema: str,
     changes: dict[str, Any],
-    path: str,
+    part: str,
 ) -> None:
+    """Text columns and JSONB cannot hold NUL: SerializationError names the part, before any
+    row is touched."""
     await pg.save_state("kept", sample_state("kept"))
     counts = await _row_counts(postgres_dsn, postgres_schema)
 
-    with pytest.raises(SerializationError) as info:
-        await pg.save_state("kept", sample_state("kept", version=7, **changes))
-    assert info.value.path.startswith(path.split("[", maxsplit=1)[0].split(".", maxsplit=1)[0])
-    with pytest.raises(SerializationError):
-        await pg.save_state("new", sample_state("new", **changes))
+    for run_id, state in (
+        ("kept", sample_state("kept", version=7, **changes)),
+        ("new", sample_state("new", **changes)),
+    ):
+        with pytest.raises(SerializationError) as info:
+            await pg.save_state(run_id, state)
+        assert info.value.path.startswith(part), info.value.path
+        assert "NUL" in str(info.value)
 
     assert await pg.load_state("kept") == sample_state("kept")
     assert await pg.load_state("new") is None
     assert await _row_counts(postgres_dsn, postgres_schema) == counts
 
 
-async def test_nul_in_a_checkpoint_is_refused_and_nothing_is_written(pg: PostgresBackend) -> None:
+async def test_nul_in_a_checkpoint_name_or_metadata_is_refused_and_nothing_is_written(
+    pg: PostgresBackend, postgres_dsn: str, postgres_schema: str
+) -> None:
     await pg.write_checkpoint(checkpoint(pg, "r", 0, header=run_header(), context={"a": 1}))
     before = await pg.load_state("r")
+    counts = await _row_counts(postgres_dsn, postgres_schema)
 
-    for kwargs in (
-        {"context": {"a": 2, "b": "x\x00"}},
-        {"steps": [step_record(0, "a", "\x00")]},
-        {"output": ["ok", "\x00"]},
-        {"error": {"type": "E", "message": "\x00", "step": "a"}, "status": "failed"},
+    for kwargs, part in (
+        ({"context": {"a": 2, "b\x00": 1}}, "pipeline_context"),
+        ({"status": "failed\x00", "steps": [step_record(0, "a")]}, "status"),
     ):
-        with pytest.raises(SerializationError):
+        with pytest.raises(SerializationError) as info:
             await pg.write_checkpoint(checkpoint(pg, "r", 1, index=1, **kwargs))
+        assert info.value.path.startswith(part), info.value.path
         assert await pg.load_state("r") == before, kwargs
-    header = run_header(initial_input=orjson.dumps("\x00"))
-    with pytest.raises(SerializationError):
-        await pg.write_checkpoint(checkpoint(pg, "new", 0, header=header))
+    for header, part in (
+        (run_header(pipeline_name="p\x00"), "pipeline_id"),  # the helper uses it for both
+        (run_header(pipeline_version="\x00"), "pipeline_version"),
+        (run_header(metadata={"tenant": "\x00"}), "metadata"),
+    ):
+        with pytest.raises(SerializationError) as info:
+            await pg.write_checkpoint(checkpoint(pg, "new", 0, header=header))
+        assert info.value.path.startswith(part), info.value.path
     assert await pg.load_state("new") is None
+    assert await _row_counts(postgres_dsn, postgres_schema) == counts
+
+
+NUL_IN_VALUES = [
+    pytest.param({"pipeline_context": {"ok": 1, "v": "a\x00b"}}, id="context-value"),
+    pytest.param({"pipeline_context": {"v": {"deep": ["x", "\x00"], "k\x00": 1}}}, id="nested"),
+    pytest.param({"last_step_output": "\x00"}, id="last_step_output"),
+    pytest.param({"initial_input": {"in": "nul\x00"}}, id="initial_input"),
+    pytest.param({"step_history": [{"output": "x\x00"}]}, id="step_history"),
+    pytest.param({"error": {"type": "E", "message": "bad\x00", "step": None}}, id="error"),
+    pytest.param({"step_names": ["a\x00"]}, id="step_names"),
+]
+
+
+@pytest.mark.parametrize("changes", NUL_IN_VALUES)
+async def test_nul_in_state_values_is_stored_exactly(
+    pg: PostgresBackend, postgres_dsn: str, postgres_schema: str, changes: dict[str, Any]
+) -> None:
+    """State values are stored as ``json`` (exact text), which holds the escape ``\\u0000``."""
+    await pg.save_state("kept", sample_state("kept"))
+    changed = sample_state("kept", version=7, **changes)
+    new = sample_state("new", **changes)
+
+    await pg.save_state("kept", changed)
+    await pg.save_state("new", new)
+
+    assert await pg.load_state("kept") == changed
+    assert await pg.load_state("new") == new
+    holds_escape = "strpos({}::text, '\\u0000') > 0"  # the JSON escape, six characters
+    rows = await _sql(
+        postgres_dsn,
+        postgres_schema,
+        "SELECT count(*) AS n FROM flujo_runs r WHERE "
+        + " OR ".join(
+            holds_escape.format(column)
+            for column in ("step_names", "initial_input", "last_step_output", "error")
+        )
+        + " OR EXISTS (SELECT 1 FROM flujo_run_context c WHERE c.run_id = r.run_id AND "
+        + holds_escape.format("c.value")
+        + ") OR EXISTS (SELECT 1 FROM flujo_run_steps s WHERE s.run_id = r.run_id AND "
+        + holds_escape.format("s.record")
+        + ")",
+    )
+    assert rows[0]["n"] == 2  # both runs hold the escape as written
+
+
+async def test_nul_in_checkpoint_values_is_stored_exactly(pg: PostgresBackend) -> None:
+    header = run_header(initial_input=orjson.dumps("\x00"), step_names=["a\x00"])
+    await pg.write_checkpoint(checkpoint(pg, "r", 0, header=header, context={"a": 1}))
+    loaded = await pg.load_state("r")
+    assert loaded is not None
+    assert loaded["initial_input"] == "\x00"
+    assert loaded["step_names"] == ["a\x00"]
+
+    for version, (kwargs, field, expected) in enumerate(
+        [
+            ({"context": {"a": 2, "b": "x\x00"}}, "pipeline_context", {"a": 2, "b": "x\x00"}),
+            (
+                {"steps": [step_record(0, "a", "\x00")]},
+                "step_history",
+                [step_record(0, "a", "\x00")],
+            ),
+            ({"output": ["ok", "\x00"]}, "last_step_output", ["ok", "\x00"]),
+            (
+                {"error": {"type": "E", "message": "\x00", "step": "a"}, "status": "failed"},
+                "error",
+                {"type": "E", "message": "\x00", "step": "a"},
+            ),
+        ],
+        start=1,
+    ):
+        await pg.write_checkpoint(checkpoint(pg, "r", version, index=1, step_offset=0, **kwargs))
+        loaded = await pg.load_state("r")
+        assert loaded is not None
+        assert loaded["version"] == version + 1
+        assert loaded[field] == expected, kwargs
+    [summary] = await pg.list_runs()
+    assert summary["error"] == {"type": "E", "message": "\x00", "step": "a"}
+
+
+async def test_list_runs_filters_holding_nul_find_nothing(pg: PostgresBackend) -> None:
+    """Nothing stored can hold NUL in a text column or JSONB, so such a filter matches no run
+    (and is not an error); the same filters without NUL still find the run."""
+    await pg.save_state("r", sample_state("r", metadata={"tenant": "acme"}))
+
+    assert await pg.list_runs(status="running\x00") == []
+    assert await pg.list_runs(pipeline_name="ingest\x00") == []
+    assert await pg.list_runs(metadata_filter={"tenant": "acme\x00"}) == []
+    assert await pg.list_runs(metadata_filter={"tenant": "acme", "x": "\x00"}) == []
+    assert await pg.list_runs(status="running", metadata_filter={"tenant": "\x00"}) == []
+    found = await pg.list_runs(
+        status="running", pipeline_name="ingest", metadata_filter={"tenant": "acme"}
+    )
+    assert [run["run_id"] for run in found] == ["r"]
 
 
 @pytest.mark.parametrize(
@@ -362,6 +463,7 @@ async def test_text_that_only_looks_like_an_escaped_nul_is_stored(
     assert "\x00" not in text
     state = sample_state(
         "r",
+        pipeline_name=text,
         pipeline_context={"v": text},
         last_step_output=text,
         step_history=[step_record(0, "a", text)],
@@ -371,13 +473,18 @@ async def test_text_that_only_looks_like_an_escaped_nul_is_stored(
     await pg.save_state("r", state)
     assert await pg.load_state("r") == state
     assert [r["run_id"] for r in await pg.list_runs(metadata_filter={"note": text})] == ["r"]
+    assert [r["run_id"] for r in await pg.list_runs(pipeline_name=text)] == ["r"]
 
 
-async def test_a_step_output_with_nul_fails_the_run_with_serialization_error(
+class _Opaque:
+    pass
+
+
+async def test_a_step_output_with_nul_is_stored_and_the_run_completes(
     pg: PostgresBackend,
 ) -> None:
-    """RELIABILITY.md promise 5 on Postgres: the error names the culprit, the previous
-    checkpoint stays, and the run is marked failed (as on every other backend)."""
+    """A step output holding NUL is an ordinary value on Postgres too: the run completes, and
+    the stored output comes back exactly (as the stored result of the finished run)."""
 
     async def fine(x: str) -> str:
         return x + "!"
@@ -390,9 +497,39 @@ async def test_a_step_output_with_nul_fails_the_run_with_serialization_error(
     )
     runner = Flujo(pipeline, state_backend=pg, pipeline_name="nul-test")
 
+    result = await runner.run_async("x", run_id="r")
+
+    assert result.status == "completed"
+    assert result.output == "x!\x00"
+    stored = await pg.load_state("r")
+    assert stored is not None
+    assert stored["status"] == "completed"
+    assert stored["last_step_output"] == "x!\x00"
+    assert [record["output"] for record in stored["step_history"]] == ["x!", "x!\x00"]
+    again = await runner.run_async("ignored", run_id="r")
+    assert (again.status, again.output) == ("completed", "x!\x00")
+
+
+async def test_an_unserializable_step_output_fails_the_run_with_serialization_error(
+    pg: PostgresBackend,
+) -> None:
+    """RELIABILITY.md promise 5 on Postgres: the error names the culprit, the previous
+    checkpoint stays, and the run is marked failed (as on every other backend)."""
+
+    async def fine(x: str) -> str:
+        return x + "!"
+
+    async def opaque(x: str) -> Any:
+        return _Opaque()
+
+    pipeline = Pipeline.from_steps(
+        [Step.from_callable(fine, name="fine"), Step.from_callable(opaque, name="opaque")]
+    )
+    runner = Flujo(pipeline, state_backend=pg, pipeline_name="opaque-test")
+
     with pytest.raises(SerializationError) as info:
         await runner.run_async("x", run_id="r")
-    assert "last_step_output" in info.value.path or "nul" in info.value.path
+    assert "last_step_output" in info.value.path or "opaque" in info.value.path
 
     stored = await pg.load_state("r")
     assert stored is not None
@@ -405,8 +542,8 @@ async def test_a_step_output_with_nul_fails_the_run_with_serialization_error(
 async def test_a_step_failing_with_nul_in_its_message_is_recorded_as_failed(
     pg: PostgresBackend,
 ) -> None:
-    """A step failure is a result ("failed"), not an exception, on every backend: an
-    exception message holding NUL (binary input quoted in an error) must not change that."""
+    """A step failure is a result ("failed"), not an exception, on every backend; the message
+    holding NUL (binary input quoted in an error) is stored exactly."""
 
     async def fine(x: str) -> str:
         return x + "!"
@@ -427,10 +564,11 @@ async def test_a_step_failing_with_nul_in_its_message_is_recorded_as_failed(
     assert stored is not None
     assert stored["status"] == "failed"
     assert stored["error"]["step"] == "boom"
+    assert "\x00" in stored["error"]["message"]
     assert stored["last_step_output"] == "x!"
 
 
-# -- JSONB round trips -----------------------------------------------------------------------------
+# -- exact round trips (values are stored as json text) -------------------------------------------
 
 UNICODE = [
     "Zoë",
@@ -501,7 +639,7 @@ NESTED = {
 }
 
 
-async def test_jsonb_round_trips_unicode(pg: PostgresBackend) -> None:
+async def test_values_round_trip_unicode(pg: PostgresBackend) -> None:
     state = sample_state(
         "r",
         pipeline_context={f"f{i}": text for i, text in enumerate(UNICODE)}
@@ -524,7 +662,7 @@ async def test_jsonb_round_trips_unicode(pg: PostgresBackend) -> None:
     assert [r["run_id"] for r in found] == ["r"]
 
 
-async def test_jsonb_round_trips_numbers_with_their_type_and_value(pg: PostgresBackend) -> None:
+async def test_values_round_trip_numbers_with_their_type_and_value(pg: PostgresBackend) -> None:
     """A float comes back as the same float (not an int, not a rounded neighbour)."""
     numbers = FLOATS + INTS
     await pg.write_checkpoint(
@@ -552,7 +690,7 @@ async def test_jsonb_round_trips_numbers_with_their_type_and_value(pg: PostgresB
     assert _same([record["value"] for record in loaded["step_history"]], numbers)
 
 
-async def test_jsonb_round_trips_nested_data(pg: PostgresBackend) -> None:
+async def test_values_round_trip_nested_data(pg: PostgresBackend) -> None:
     state = sample_state("r", pipeline_context=NESTED, last_step_output=NESTED)
     await pg.save_state("r", state)
     await pg.write_checkpoint(
@@ -645,6 +783,64 @@ async def test_the_backend_works_from_two_event_loops(pg: PostgresBackend) -> No
     assert again is not None
     assert again["version"] == 3
     await pg.aclose()
+
+
+async def test_aclose_after_use_in_an_event_loop_that_is_gone(
+    pg: PostgresBackend, postgres_dsn: str, postgres_schema: str
+) -> None:
+    """The pool was made (and last used) in an event loop that has closed since: aclose from
+    another loop drops it without raising (its sockets, bound to the dead loop, close when the
+    garbage collector frees them, as documented), and the backend works again in this loop."""
+    name = f"flujo-test-{uuid.uuid4().hex[:12]}"
+    backend = PostgresBackend(
+        _with_application_name(postgres_dsn, name), schema=postgres_schema, pool_min=2
+    )
+
+    async def use() -> None:
+        await backend.save_state("r", sample_state("r"))
+
+    await asyncio.to_thread(asyncio.run, use())
+    assert await _connections(postgres_dsn, name) >= 1
+
+    await backend.aclose()  # not in the pool's loop, which is closed
+    gc.collect()
+
+    await _eventually_no_connections(postgres_dsn, name)
+    assert await backend.load_state("r") == sample_state("r")
+    await backend.aclose()
+    await _eventually_no_connections(postgres_dsn, name)
+    assert await pg.load_state("r") == sample_state("r")
+
+
+def test_a_backend_used_by_two_flujo_runs_closes_cleanly(postgres_dsn: str) -> None:
+    """Each ``runner.run()`` has its own event loop: the pool of the first run's loop is
+    replaced in the second; closing afterwards (in a third loop) raises nothing."""
+    schema = f"flujo_test_{uuid.uuid4().hex[:12]}"
+    backend = PostgresBackend(postgres_dsn, schema=schema, pool_min=1, pool_max=2)
+
+    async def add(x: int) -> int:
+        return x + 1
+
+    runner = Flujo(
+        Pipeline.from_steps([Step.from_callable(add, name="add")]),
+        state_backend=backend,
+        pipeline_name="close",
+    )
+    try:
+        asyncio.run(backend.migrate())
+        assert runner.run(1, run_id="one").output == 2
+        assert runner.run(2, run_id="two").output == 3
+        asyncio.run(backend.aclose())
+        assert runner.run(0, run_id="two").output == 3  # reopens in yet another loop
+    finally:
+
+        async def cleanup() -> None:
+            try:
+                await backend.aclose()
+            finally:
+                await _sql(postgres_dsn, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+        asyncio.run(cleanup())
 
 
 def test_flujo_run_twice_with_one_postgres_backend(postgres_dsn: str) -> None:

@@ -5,8 +5,9 @@ twice).
 The process tests reuse the child of test_crash_recovery.py (``_crash_child.py``, with
 ``backend="postgres"``): a 10-step pipeline whose step ``i`` appends ``"i"`` to a side-effect
 file. The connection tests run a pipeline in this process and cut its connections from the
-side: with ``pg_terminate_backend`` (found by a unique ``application_name`` in the DSN), or by
-failing the driver call that carries a checkpoint, before or after the server ran it.
+side: with ``pg_terminate_backend`` (found by a unique ``application_name`` in the DSN), by
+closing a TCP relay the backend reaches the server through (the server is then gone for good),
+or by failing the driver call that carries a checkpoint, before or after the server ran it.
 
 Every test has its own schema (``postgres_schema``); without a server they fail under CI=true
 and skip elsewhere (``postgres_dsn``).
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -366,27 +368,83 @@ async def test_connections_terminated_after_every_step(pg_store_async: PgStore) 
     assert len(effects.ran) - STEPS <= outcomes.count("StateBackendError"), effects.ran
 
 
+class _Relay:
+    """A TCP relay to the test's Postgres server, so that a test can make the server go away.
+
+    ``stop()`` closes the listening socket and resets every relayed connection: the backend's
+    connections break, and every new connection to the relay's port is refused (pool
+    reconnects included), as when the server is gone. Changing the backend's ``dsn`` instead is
+    not enough: an asyncpg pool reconnects a broken connection with the address it was made
+    with."""
+
+    def __init__(self, dsn: str) -> None:
+        parts = urlsplit(dsn)
+        self.dsn = dsn
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 5432
+        self.relayed = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        """Listen on a free local port; return the DSN that reaches the server through it."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(self.dsn)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.relayed += 1
+        self._writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        for writer in self._writers:
+            writer.transport.abort()
+
+
 async def test_a_server_gone_mid_run_fails_cleanly_and_the_run_resumes(
     pg_store_async: PgStore,
 ) -> None:
-    """After step 5 the connections are cut and the server cannot be reached again (the
-    backend's DSN now points at a closed port): the run fails with StateBackendError, its
-    stored state is the step-5 checkpoint, and a resume completes it."""
+    """After step 5 the server goes away for good (the backend reaches it through a relay,
+    which then closes: every connection cut, every new one refused): the run fails with
+    StateBackendError, its stored state is the step-5 checkpoint, and a resume completes it."""
     store = pg_store_async
-    name = f"flujo-test-{uuid.uuid4().hex[:12]}"
-    backend = store.backend(_with_application_name(store.dsn, name), pool_min=1)
+    relay = _Relay(store.dsn)
+    backend = store.backend(await relay.start(), pool_min=1)
     effects = Effects()
 
     async def after_step(index: int) -> None:
         if index == 5:
-            backend.dsn = "postgresql://postgres@127.0.0.1:1/gone"
-            await _terminate(store.dsn, name)
+            await relay.stop()
 
     try:
         with pytest.raises(StateBackendError):
             await _runner(effects, backend, after_step).run_async([], run_id="gone")
     finally:
         await backend.aclose()
+    assert relay.relayed >= 1  # the backend did go through the relay
 
     state = await store.load_async("gone")
     assert_consistent(state)
@@ -465,31 +523,33 @@ async def test_a_connection_lost_around_a_checkpoint_never_records_a_step_twice(
     assert await store.step_rows("cut") == list(range(STEPS))
 
 
-async def test_a_connection_broken_by_a_server_kill_gives_a_typed_error_or_recovers(
+async def test_a_connection_broken_by_a_server_kill_is_retried_and_the_run_completes(
     pg_store_async: PgStore, cut_checkpoint: Callable[..., list[str]]
 ) -> None:
     """When the server kills an idle pooled connection, asyncpg may read the server's FATAL
     message before noticing the socket closed; the next statement on that connection then
     fails with InternalClientError (seen in test_connections_terminated_after_every_step).
-    This raises that error deterministically: the run must recover or fail typed."""
+    This raises that error deterministically: the backend treats it as a lost connection (the
+    write did not land, so it is written again) and the run completes, each step run once."""
     store = pg_store_async
     error = asyncpg.exceptions.InternalClientError(
         "cannot switch to state 12; another operation (2) is in progress"
     )
     log = cut_checkpoint(3, "before", error)
     effects = Effects()
-    result = None
     async with store.backend() as backend:
-        try:
-            result = await _runner(effects, backend).run_async([], run_id="broken")
-        except FlujoError as exc:
-            assert isinstance(exc, StateBackendError), repr(exc)  # noqa: PT017
-    assert log
-    _assert_history_once(await store.load_async("broken"))
-    if result is None:
-        await _resume_and_check(store, "broken", effects)
-    else:
-        assert result.output == ALL_STEPS
+        result = await _runner(effects, backend).run_async([], run_id="broken")
+
+    assert log == ["cut before the statement"]
+    assert result.status == "completed", result
+    assert result.output == ALL_STEPS
+    assert effects.ran == ALL_STEPS
+    state = await store.load_async("broken")
+    assert_completed(state)
+    _assert_history_once(state)
+    assert state is not None
+    assert state["version"] == STEPS
+    assert await store.step_rows("broken") == list(range(STEPS))
 
 
 def _checkpoint(run_id: str, expected: int, *, updated_at: float, index: int) -> Checkpoint:
@@ -535,24 +595,92 @@ async def test_a_lost_connection_around_a_direct_checkpoint(
         assert await backend.write_checkpoint(_checkpoint("r", 2, updated_at=1002.0, index=2)) == 3
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
 async def test_a_lost_write_is_not_taken_for_a_landed_one_when_the_clock_stands_still(
-    pg_store_async: PgStore, cut_checkpoint: Callable[..., list[str]]
+    pg_store_async: PgStore, cut_checkpoint: Callable[..., list[str]], when: str
 ) -> None:
-    """The backend decides whether a checkpoint landed by its updated_at. Two checkpoints
-    with the same timestamp (a coarse clock, or one set back) must not make a write that
-    never reached the server pass for one that committed."""
+    """Two checkpoints with the same timestamp (a coarse clock, or one set back): a write that
+    never reached the server must not pass for one that committed (it is written again), and
+    one that committed is recognised (not written twice). Either way the version returned is
+    the one stored."""
     async with pg_store_async.backend() as backend:
         await backend.write_checkpoint(_checkpoint("r", 0, updated_at=1000.0, index=0))
-        log = cut_checkpoint(0, "before")
-        try:
-            version = await backend.write_checkpoint(
-                _checkpoint("r", 1, updated_at=1000.0, index=1)
-            )
-        except StateBackendError:
-            version = None  # a typed failure is honest too
+        log = cut_checkpoint(0, when)
+        version = await backend.write_checkpoint(_checkpoint("r", 1, updated_at=1000.0, index=1))
         assert log
         state = await backend.load_state("r")
         assert state is not None
-        if version is not None:
-            assert state["version"] == version, "write_checkpoint returned a version not stored"
-            assert state["step_history"] == [{"index": 0}, {"index": 1}]
+        assert state["version"] == version == 2, "write_checkpoint returned a version not stored"
+        assert state["step_history"] == [{"index": 0}, {"index": 1}]
+        assert await pg_store_async.step_rows("r") == [0, 1]
+
+
+@pytest.fixture
+def cut_transaction(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[str]]:
+    """``cut_transaction(when)``: the next transaction the backend opens (a whole-state save or
+    an unguarded write) loses its connection as it ends: ``"after"`` its COMMIT ran (the client
+    never hears back), or ``"before"`` (it never commits; the server rolls it back when the
+    backend drops the connection). Returns a log of the cuts."""
+    real_aexit = asyncpg.transaction.Transaction.__aexit__
+    plan: dict[str, Any] = {}
+    log: list[str] = []
+
+    async def aexit(self: Any, exc_type: Any, exc: Any, tb: Any) -> Any:
+        if not plan or plan.get("done") or exc_type is not None:
+            return await real_aexit(self, exc_type, exc, tb)
+        plan["done"] = True
+        if plan["when"] == "after":
+            await real_aexit(self, exc_type, exc, tb)
+        log.append(plan["when"])
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("connection lost (test)")
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "__aexit__", aexit)
+
+    def arm(when: str) -> list[str]:
+        plan["when"] = when
+        return log
+
+    return arm
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("kind", ["save_state", "unconditional_checkpoint"])
+async def test_a_lost_connection_around_a_whole_state_write(
+    pg_store_async: PgStore, cut_transaction: Callable[[str], list[str]], kind: str, when: str
+) -> None:
+    """Writes that run in a transaction of their own (save_state; a checkpoint without an
+    expected version) get the same care as guarded checkpoints: one that did not land is
+    written again, one that committed is recognised, so it is applied exactly once (its
+    version grows by one) and the version returned is the one stored."""
+    async with pg_store_async.backend() as backend:
+        await backend.write_checkpoint(_checkpoint("r", 0, updated_at=1000.0, index=0))
+        log = cut_transaction(when)
+        if kind == "save_state":
+            state = await backend.load_state("r")
+            assert state is not None
+            saved = {**state, "status": "paused", "version": 5, "pipeline_context": {"s": 1}}
+            await backend.save_state("r", saved)
+            assert await backend.load_state("r") == saved
+            expected = 5
+        else:
+            returned = await backend.write_checkpoint(
+                Checkpoint(
+                    run_id="r",
+                    expected_version=None,
+                    status="running",
+                    current_step_index=2,
+                    updated_at=1001.0,
+                    last_step_output=b"2",
+                    error=None,
+                    context={"u": b"1"},
+                    steps=[orjson.dumps({"index": 1})],
+                    step_offset=1,
+                )
+            )
+            assert returned == 2, "applied twice (or not at all)"
+            expected = 2
+        assert log == [when]
+        state = await backend.load_state("r")
+        assert state is not None
+        assert state["version"] == expected
+        assert len(state["step_history"]) == len(await pg_store_async.step_rows("r"))

@@ -162,17 +162,26 @@ class Flujo(Generic[InT, OutT, CtxT]):
     ) -> PipelineResult[OutT, CtxT]:
         """Run (or resume, given the ``run_id`` of a stored run) to the end, synchronously.
 
+        Each call runs its own event loop and releases the store's connections at its end.
         Cannot be called from a running event loop: use :meth:`run_async` there.
         """
         _refuse_running_loop("Flujo.run()", "await runner.run_async(...)")
-        return asyncio.run(
-            self.run_async(
-                initial_input,
-                run_id=run_id,
-                initial_context_data=initial_context_data,
-                metadata=metadata,
-            )
-        )
+
+        async def run_then_release() -> PipelineResult[OutT, CtxT]:
+            try:
+                return await self.run_async(
+                    initial_input,
+                    run_id=run_id,
+                    initial_context_data=initial_context_data,
+                    metadata=metadata,
+                )
+            finally:
+                # This event loop ends with the call: release what the store bound to it
+                # (a Postgres pool); the store reopens on next use.
+                if self.state_backend is not None:
+                    await self.state_backend.aclose()
+
+        return asyncio.run(run_then_release())
 
     async def run_async(
         self,
