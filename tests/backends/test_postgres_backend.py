@@ -938,3 +938,71 @@ async def test_a_newer_schema_is_refused_after_schema_version_was_asked(
         postgres_dsn, postgres_schema, "SELECT run_id, status, version FROM flujo_runs"
     )
     assert [tuple(row) for row in rows] == [("r", "running", 2)]
+
+
+# -- the checkpoint lane -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool_max", [1, 2, 4])
+async def test_concurrent_runs_share_the_pool_and_the_lane_without_starving(
+    postgres_dsn: str, postgres_schema: str, pool_max: int
+) -> None:
+    """Checkpoints go through one kept connection while it is free and through the pool when
+    it is busy; with a pool of one there is no lane, so nothing can wait forever."""
+    backend = PostgresBackend(postgres_dsn, schema=postgres_schema, pool_min=0, pool_max=pool_max)
+    await backend.migrate()
+
+    async def add(x: int) -> int:
+        await asyncio.sleep(0)
+        return x + 1
+
+    runner = Flujo(
+        Pipeline.from_steps([Step.from_callable(add, name=f"s{i}") for i in range(10)]),
+        state_backend=backend,
+    )
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(runner.run_async(i, run_id=f"run-{i}") for i in range(12))),
+            timeout=60,
+        )
+        assert [r.output for r in results] == [i + 10 for i in range(12)]
+        for i in range(12):
+            state = await backend.load_state(f"run-{i}")
+            assert state is not None
+            assert state["version"] == 10
+            assert [r["index"] for r in state["step_history"]] == list(range(10))
+    finally:
+        await backend.aclose()
+
+
+async def test_a_cancelled_checkpoint_leaves_no_broken_lane_behind(
+    postgres_dsn: str, postgres_schema: str
+) -> None:
+    """A run cancelled in the middle of a checkpoint statement: the kept connection is given
+    back closed, and the next run checkpoints on a fresh one."""
+    backend = PostgresBackend(postgres_dsn, schema=postgres_schema, pool_max=2)
+    await backend.migrate()
+
+    async def add(x: int) -> int:
+        return x + 1
+
+    runner = Flujo(
+        Pipeline.from_steps([Step.from_callable(add, name=f"s{i}") for i in range(200)]),
+        state_backend=backend,
+    )
+    try:
+        task = asyncio.create_task(runner.run_async(0, run_id="cut"))
+        while (await backend.load_state("cut")) is None:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        again = await runner.run_async(0, run_id="cut")  # resumes where the commit stopped
+        assert again.output == 200
+        state = await backend.load_state("cut")
+        assert state is not None
+        assert [r["index"] for r in state["step_history"]] == list(range(200))
+        fresh = await runner.run_async(5, run_id="after")
+        assert fresh.output == 205
+    finally:
+        await backend.aclose()

@@ -464,11 +464,15 @@ def cut_checkpoint(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
     step ``at_step`` raises ``error`` (ConnectionDoesNotExistError by default), ``"before"`` or
     ``"after"`` the server ran it (after: the server committed, the client never read the
     answer). Returns a log of the cuts."""
-    real_fetchval = asyncpg.Pool.fetchval
+    # Connection.fetchval carries every checkpoint statement, whether it goes through the pool or
+    # through the backend's checkpoint lane (a pooled connection kept for checkpoints).
+    real_fetchval = asyncpg.connection.Connection.fetchval
     log: list[str] = []
     plan: dict[str, Any] = {}
 
-    async def fetchval(self: asyncpg.Pool, query: str, *args: Any, **kwargs: Any) -> Any:
+    async def fetchval(
+        self: asyncpg.connection.Connection, query: str, *args: Any, **kwargs: Any
+    ) -> Any:
         # A checkpoint statement: it creates the run ($10 is the current_step_index) or
         # advances it ($3 is).
         index = None
@@ -488,7 +492,7 @@ def cut_checkpoint(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
             raise plan["error"]
         return result
 
-    monkeypatch.setattr(asyncpg.Pool, "fetchval", fetchval)
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetchval", fetchval)
 
     def arm(at_step: int, when: str, error: BaseException | None = None) -> list[str]:
         lost = asyncpg.exceptions.ConnectionDoesNotExistError("connection lost (test)")

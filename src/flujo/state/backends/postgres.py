@@ -243,6 +243,10 @@ class PostgresBackend(StateBackend):
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._pool_lock: asyncio.Lock | None = None
         self._schema_checked = False
+        # The checkpoint lane: one pooled connection kept for checkpoints while it is free, so
+        # that a run's steady stream of checkpoints skips the pool's acquire/release dance.
+        self._lane: asyncpg.Connection | None = None
+        self._lane_busy = False
 
     def __repr__(self) -> str:
         return f"PostgresBackend({redact_uri(self.dsn)!r}, schema={self.schema!r})"
@@ -275,6 +279,7 @@ class PostgresBackend(StateBackend):
         """Forget the pool, closing its connections at once (no waiting, any event loop)."""
         pool, self._pool = self._pool, None
         self._schema_checked = False
+        self._lane, self._lane_busy = None, False
         if pool is None:
             return
         try:
@@ -394,6 +399,9 @@ class PostgresBackend(StateBackend):
         except RuntimeError:
             running = None
         if running is loop:
+            lane, self._lane, self._lane_busy = self._lane, None, False
+            if lane is not None:
+                await pool.release(lane)
             self._pool = None
             self._schema_checked = False
             await pool.close()
@@ -470,7 +478,8 @@ class PostgresBackend(StateBackend):
                 )
             version = cp.new_version(0)
             fields, values = _context_arrays(cp)
-            created = await pool.fetchval(
+            created = await self._checkpoint_statement(
+                pool,
                 _CREATE,
                 cp.run_id,
                 header.pipeline_id,
@@ -510,10 +519,12 @@ class PostgresBackend(StateBackend):
 
         try:
             if len(cp.steps) == 1 and not cp.context:
-                advanced = await pool.fetchval(_ADVANCE, *common, cp.steps[0])
+                advanced = await self._checkpoint_statement(pool, _ADVANCE, *common, cp.steps[0])
             else:
                 fields, values = _context_arrays(cp)
-                advanced = await pool.fetchval(_ADVANCE_MANY, *common, cp.steps, fields, values)
+                advanced = await self._checkpoint_statement(
+                    pool, _ADVANCE_MANY, *common, cp.steps, fields, values
+                )
         except asyncpg.exceptions.UniqueViolationError:
             # Records from step_offset on are replaced (never the case for the runner, which
             # always appends; kept for the contract every backend shares). Nothing was written.
@@ -521,6 +532,31 @@ class PostgresBackend(StateBackend):
         if not advanced:
             await self._raise_conflict(pool, cp)
         return version
+
+    async def _checkpoint_statement(self, pool: asyncpg.Pool, sql: str, *args: Any) -> Any:
+        """Run one checkpoint statement: on the lane when it is free, else on the pool.
+
+        With ``pool_max`` of 1 there is no lane: holding the only connection would starve
+        every other caller.
+        """
+        if self._lane_busy or self.pool_max < 2:
+            return await pool.fetchval(sql, *args)
+        self._lane_busy = True
+        try:
+            lane = self._lane
+            if lane is None or lane.is_closed():
+                self._lane = lane = await pool.acquire()
+            try:
+                return await lane.fetchval(sql, *args)
+            except BaseException:
+                # A failed, cancelled or lost statement leaves the connection in doubt: give it
+                # back closed (the pool replaces it) and take a fresh one next time.
+                self._lane = None
+                lane.terminate()
+                await pool.release(lane)
+                raise
+        finally:
+            self._lane_busy = False
 
     async def _raise_conflict(self, pool: asyncpg.Pool, cp: Checkpoint) -> None:
         stored = await pool.fetchval("SELECT version FROM flujo_runs WHERE run_id = $1", cp.run_id)
