@@ -354,7 +354,8 @@ def bench_postgres() -> dict[str, Any]:
     result = line("postgres", N_STEPS, times, correct, "")
     result["notes"] = (
         "Postgres 15 on 127.0.0.1, synchronous_commit=on, one committed checkpoint per step "
-        "(one statement: guarded UPDATE of the run + INSERT of the step record); floor measured "
+        "(one statement: guarded UPDATE of the run + INSERT of the step record, on the "
+        "backend's kept checkpoint connection); floor measured "
         f"in the same process: a bare prepared upsert per step {floor_on:.0f} us "
         f"(synchronous_commit=on), {floor_off:.0f} us (off)"
     )

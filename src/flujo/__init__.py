@@ -8,8 +8,9 @@
 'Hello, world!'
 """
 
+from typing import TYPE_CHECKING, Any
+
 from flujo.application.runner import Flujo
-from flujo.client import TaskClient, TaskDetail, TaskSummary
 from flujo.domain.events import HookEvent, PostRun, PostStep, PreRun, StepFailure
 from flujo.domain.models import (
     AppResources,
@@ -21,6 +22,9 @@ from flujo.domain.models import (
 from flujo.domain.pipeline import Pipeline, PipelineRegistry
 from flujo.domain.step import Step, StepConfig, step
 from flujo.exceptions import FlujoError, PausedException, PipelineAbortSignal
+
+if TYPE_CHECKING:
+    from flujo.client import TaskClient, TaskDetail, TaskSummary
 
 __version__ = "0.1.0"
 
@@ -49,3 +53,14 @@ __all__ = [
     "__version__",
     "step",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The TaskClient and its models load on first use: most programs only run pipelines.
+    if name in ("TaskClient", "TaskDetail", "TaskSummary"):
+        from flujo import client  # noqa: PLC0415
+
+        value = getattr(client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
