@@ -77,7 +77,7 @@ from flujo.state.backends.base import (
     validate_run_id,
 )
 from flujo.state.serialization import flujo_default_serializer
-from flujo.state.uri import backend_from_uri, redact_uri
+from flujo.state.uri import redact_uri
 
 if TYPE_CHECKING:
     from flujo.config import FlujoSettings
@@ -366,12 +366,9 @@ def _settings() -> FlujoSettings:
 
 
 def _backend() -> StateBackend:
-    settings = _settings()
-    return backend_from_uri(
-        settings.state_uri,
-        postgres_pool_min=settings.postgres_pool_min,
-        postgres_pool_max=settings.postgres_pool_max,
-    )
+    from flujo.config import configured_backend  # noqa: PLC0415
+
+    return configured_backend(_settings())
 
 
 def _store_name() -> str:

@@ -71,7 +71,7 @@ class TaskClient:
         registry: PipelineRegistry | None = None,
     ) -> None:
         if backend_or_uri is None:
-            from flujo.application.runner import configured_backend  # noqa: PLC0415
+            from flujo.config import configured_backend  # noqa: PLC0415
 
             backend_or_uri = configured_backend()
         elif isinstance(backend_or_uri, str):

@@ -23,7 +23,7 @@ import os
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -31,11 +31,15 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from flujo.exceptions import ConfigurationError
 
+if TYPE_CHECKING:
+    from flujo.state.backends.base import StateBackend
+
 __all__ = [
     "CONFIG_FILE",
     "DEFAULT_STATE_URI",
     "FlujoSettings",
     "FlujoSettingsWarning",
+    "configured_backend",
     "load_settings",
     "setting_sources",
 ]
@@ -195,3 +199,15 @@ def load_settings(**overrides: Any) -> FlujoSettings:
             f"({settings.postgres_pool_max}, from {sources['postgres_pool_max']})"
         )
     return settings
+
+
+def configured_backend(settings: FlujoSettings | None = None) -> StateBackend:
+    """The store the settings name (``FLUJO_STATE_URI`` > ``flujo.toml`` > SQLite default)."""
+    from flujo.state.uri import backend_from_uri  # noqa: PLC0415
+
+    settings = settings or load_settings()
+    return backend_from_uri(
+        settings.state_uri,
+        postgres_pool_min=settings.postgres_pool_min,
+        postgres_pool_max=settings.postgres_pool_max,
+    )

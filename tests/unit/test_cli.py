@@ -84,7 +84,7 @@ async def wait_for_human(x: int) -> int:
 @step
 async def meddle(x: int, *, context: PipelineContext) -> int:
     # Another process advances this run while the step runs (as a second `flujo resume` would).
-    from flujo.application.runner import configured_backend
+    from flujo.config import configured_backend
 
     other = configured_backend()
     state = await other.load_state(context.run_id)

@@ -50,7 +50,7 @@ from flujo.state.backends.base import (
 )
 from flujo.state.models import WorkflowState
 
-__all__ = ["Flujo", "configured_backend"]
+__all__ = ["Flujo"]
 
 logger = logging.getLogger("flujo.runner")
 
@@ -141,6 +141,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
         self.pipeline_id = pipeline_id or self.pipeline_name
         self.persist_state = persist_state
         if persist_state and state_backend is None:
+            from flujo.config import configured_backend  # noqa: PLC0415 - settings on demand
+
             state_backend = configured_backend()
         self.state_backend: StateBackend | None = state_backend
         self._executor = ExecutorCore()
@@ -560,19 +562,6 @@ class Flujo(Generic[InT, OutT, CtxT]):
             await self._emit(event)
         except PipelineAbortSignal:
             logger.debug("ignoring PipelineAbortSignal raised by a %s hook", event.event_name)
-
-
-def configured_backend() -> StateBackend:
-    """The store the settings name (``FLUJO_STATE_URI`` > ``flujo.toml`` > SQLite default)."""
-    from flujo.config import load_settings  # noqa: PLC0415 - settings load only when needed
-    from flujo.state.uri import backend_from_uri  # noqa: PLC0415
-
-    settings = load_settings()
-    return backend_from_uri(
-        settings.state_uri,
-        postgres_pool_min=settings.postgres_pool_min,
-        postgres_pool_max=settings.postgres_pool_max,
-    )
 
 
 def _refuse_running_loop(what: str, instead: str) -> None:

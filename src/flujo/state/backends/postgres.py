@@ -470,60 +470,21 @@ class PostgresBackend(StateBackend):
         if expected is None or cp.replace:
             return await self._replace(pool, cp)
         if expected == 0:
-            header = cp.header
-            if header is None:
-                raise CorruptStateError(
-                    f"run {cp.run_id!r}: the first checkpoint of a run has no header",
-                    run_id=cp.run_id,
-                )
             version = cp.new_version(0)
-            fields, values = _context_arrays(cp)
-            created = await self._checkpoint_statement(
-                pool,
-                _CREATE,
-                cp.run_id,
-                header.pipeline_id,
-                header.pipeline_name,
-                header.pipeline_version,
-                header.step_names,
-                header.initial_input,
-                header.metadata,
-                header.created_at,
-                cp.status,
-                cp.current_step_index,
-                cp.updated_at,
-                version,
-                cp.last_step_output or b"null",
-                cp.error,
-                cp.step_offset,
-                cp.steps,
-                fields,
-                values,
-            )
+            created = await self._checkpoint_statement(pool, _CREATE, *_create_args(cp, version))
             if not created:
                 await self._raise_conflict(pool, cp)
             return version
         version = cp.new_version(expected)
-        common = (
-            cp.run_id,
-            cp.status,
-            cp.current_step_index,
-            cp.updated_at,
-            version,
-            cp.error,
-            cp.last_step_output,
-            expected,
-            cp.step_offset,
-        )
         import asyncpg  # noqa: PLC0415 - loaded by the pool already
 
         try:
             if len(cp.steps) == 1 and not cp.context:
+                common = _advance_args(cp, expected, version)
                 advanced = await self._checkpoint_statement(pool, _ADVANCE, *common, cp.steps[0])
             else:
-                fields, values = _context_arrays(cp)
                 advanced = await self._checkpoint_statement(
-                    pool, _ADVANCE_MANY, *common, cp.steps, fields, values
+                    pool, _ADVANCE_MANY, *_advance_many_args(cp, expected, version)
                 )
         except asyncpg.exceptions.UniqueViolationError:
             # Records from step_offset on are replaced (never the case for the runner, which
@@ -590,51 +551,9 @@ class PostgresBackend(StateBackend):
                 await conn.execute(_DELETE_WHERE.format(where="run_id = $1"), cp.run_id)
                 stored_version = None
             if stored_version is None:
-                header = cp.header
-                if header is None:
-                    raise CorruptStateError(
-                        f"run {cp.run_id!r}: the first checkpoint of a run has no header",
-                        run_id=cp.run_id,
-                    )
-                fields, values = _context_arrays(cp)
-                await conn.fetchval(
-                    _CREATE,
-                    cp.run_id,
-                    header.pipeline_id,
-                    header.pipeline_name,
-                    header.pipeline_version,
-                    header.step_names,
-                    header.initial_input,
-                    header.metadata,
-                    header.created_at,
-                    cp.status,
-                    cp.current_step_index,
-                    cp.updated_at,
-                    version,
-                    cp.last_step_output or b"null",
-                    cp.error,
-                    cp.step_offset,
-                    cp.steps,
-                    fields,
-                    values,
-                )
+                await conn.fetchval(_CREATE, *_create_args(cp, version))
             else:
-                fields, values = _context_arrays(cp)
-                await conn.fetchval(
-                    _ADVANCE_MANY,
-                    cp.run_id,
-                    cp.status,
-                    cp.current_step_index,
-                    cp.updated_at,
-                    version,
-                    cp.error,
-                    cp.last_step_output,
-                    stored_version,
-                    cp.step_offset,
-                    cp.steps,
-                    fields,
-                    values,
-                )
+                await conn.fetchval(_ADVANCE_MANY, *_advance_many_args(cp, stored_version, version))
             return version
 
     async def save_state(self, run_id: str, state: dict[str, Any]) -> None:
@@ -790,8 +709,57 @@ def _decode_jsonb(data: bytes) -> bytes:
     return data[1:]
 
 
-def _context_arrays(cp: Checkpoint) -> tuple[list[str], list[bytes]]:
-    return list(cp.context), list(cp.context.values())
+def _create_args(cp: Checkpoint, version: int) -> tuple[Any, ...]:
+    """The parameters of ``_CREATE`` for a checkpoint that creates its run."""
+    header = cp.header
+    if header is None:
+        raise CorruptStateError(
+            f"run {cp.run_id!r}: the first checkpoint of a run has no header", run_id=cp.run_id
+        )
+    return (
+        cp.run_id,
+        header.pipeline_id,
+        header.pipeline_name,
+        header.pipeline_version,
+        header.step_names,
+        header.initial_input,
+        header.metadata,
+        header.created_at,
+        cp.status,
+        cp.current_step_index,
+        cp.updated_at,
+        version,
+        cp.last_step_output or b"null",
+        cp.error,
+        cp.step_offset,
+        cp.steps,
+        list(cp.context),
+        list(cp.context.values()),
+    )
+
+
+def _advance_args(cp: Checkpoint, expected: int, version: int) -> tuple[Any, ...]:
+    """The parameters ``_ADVANCE`` and ``_ADVANCE_MANY`` share ($1 to $9)."""
+    return (
+        cp.run_id,
+        cp.status,
+        cp.current_step_index,
+        cp.updated_at,
+        version,
+        cp.error,
+        cp.last_step_output,
+        expected,
+        cp.step_offset,
+    )
+
+
+def _advance_many_args(cp: Checkpoint, expected: int, version: int) -> tuple[Any, ...]:
+    return (
+        *_advance_args(cp, expected, version),
+        cp.steps,
+        list(cp.context),
+        list(cp.context.values()),
+    )
 
 
 def _holds_nul(*values: object) -> bool:

@@ -260,20 +260,8 @@ class SQLiteBackend(StateBackend):
     async def write_checkpoint(self, checkpoint: Checkpoint) -> int:
         """Apply ``checkpoint`` in one transaction, with compare-and-swap on ``version``."""
         run_id = validate_run_id(checkpoint.run_id)
-        with self._lock:
-            try:
-                conn = self._conn or self._connection()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    version = self._write(conn, checkpoint)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise _translate(exc, self.path, run_id) from exc
-        return version
+        with self._lock, _Transaction(self, run_id) as conn:
+            return self._write(conn, checkpoint)
 
     def _write(self, conn: sqlite3.Connection, cp: Checkpoint) -> int:
         run_id = cp.run_id
@@ -392,20 +380,9 @@ class SQLiteBackend(StateBackend):
     async def delete_state(self, run_id: str) -> None:
         """Forget ``run_id`` (its row, context fields and step records)."""
         validate_run_id(run_id)
-        with self._lock:
-            try:
-                conn = self._connection()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for table in _TABLES:
-                        conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))  # noqa: S608 - fixed names
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise _translate(exc, self.path, run_id) from exc
+        with self._lock, _Transaction(self, run_id) as conn:
+            for table in _TABLES:
+                conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))  # noqa: S608 - fixed names
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -493,25 +470,14 @@ class SQLiteBackend(StateBackend):
         params: tuple[Any, ...] = (epoch(updated_before),)
         if status is not None:
             params += (status,)
-        with self._lock:
-            try:
-                conn = self._connection()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for table in _TABLES[:-1]:
-                        conn.execute(
-                            f"DELETE FROM {table} WHERE run_id IN "  # noqa: S608 - fixed names
-                            f"(SELECT run_id FROM runs WHERE {where})",
-                            params,
-                        )
-                    deleted = conn.execute(f"DELETE FROM runs WHERE {where}", params).rowcount  # noqa: S608 - fixed fragments
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise _translate(exc, self.path, None) from exc
+        with self._lock, _Transaction(self, None) as conn:
+            for table in _TABLES[:-1]:
+                conn.execute(
+                    f"DELETE FROM {table} WHERE run_id IN "  # noqa: S608 - fixed names
+                    f"(SELECT run_id FROM runs WHERE {where})",
+                    params,
+                )
+            deleted = conn.execute(f"DELETE FROM runs WHERE {where}", params).rowcount  # noqa: S608 - fixed fragments
         return int(deleted)
 
     async def aclose(self) -> None:
@@ -603,6 +569,43 @@ def _blob(value: Any) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
     raise ValueError(f"expected JSON bytes, found {type(value).__name__}")
+
+
+class _Transaction:
+    """``with _Transaction(backend, run_id) as conn``: one write transaction (call under the
+    backend's lock): BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on any exception; sqlite3
+    errors become flujo's typed errors."""
+
+    __slots__ = ("backend", "conn", "run_id")
+
+    def __init__(self, backend: SQLiteBackend, run_id: str | None) -> None:
+        self.backend = backend
+        self.run_id = run_id
+        self.conn: sqlite3.Connection | None = None
+
+    def __enter__(self) -> sqlite3.Connection:
+        backend = self.backend
+        try:
+            conn = self.conn = backend._conn or backend._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc, backend.path, self.run_id) from exc
+        return conn
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            if exc is None:
+                conn.execute("COMMIT")
+            elif conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            if conn.in_transaction:  # a COMMIT that failed (busy, disk full) leaves it open
+                conn.execute("ROLLBACK")
+            raise _translate(error, self.backend.path, self.run_id) from error
+        if isinstance(exc, sqlite3.Error):
+            raise _translate(exc, self.backend.path, self.run_id) from exc
 
 
 def _translate(exc: sqlite3.Error, path: Path, run_id: str | None) -> Exception:
