@@ -11,6 +11,8 @@
 from typing import TYPE_CHECKING, Any
 
 from flujo.application.runner import Flujo
+from flujo.domain.cache import CacheStep
+from flujo.domain.control import ConditionalStep, LoopStep, MapStep, StateMachineStep, Transition
 from flujo.domain.events import HookEvent, PostRun, PostStep, PreRun, StepFailure
 from flujo.domain.models import (
     AppResources,
@@ -19,9 +21,16 @@ from flujo.domain.models import (
     StepError,
     StepResult,
 )
+from flujo.domain.parallel import (
+    BranchFailureStrategy,
+    DynamicParallelRouterStep,
+    MergeStrategy,
+    ParallelStep,
+)
 from flujo.domain.pipeline import Pipeline, PipelineRegistry
 from flujo.domain.step import Step, StepConfig, step
 from flujo.exceptions import FlujoError, PausedException, PipelineAbortSignal
+from flujo.state.cache import CacheBackend, InMemoryCache, PostgresCache, SQLiteCache
 
 if TYPE_CHECKING:
     from flujo.client import TaskClient, TaskDetail, TaskSummary
@@ -30,9 +39,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AppResources",
+    "BranchFailureStrategy",
+    "CacheBackend",
+    "CacheStep",
+    "ConditionalStep",
+    "DynamicParallelRouterStep",
     "Flujo",
     "FlujoError",
     "HookEvent",
+    "InMemoryCache",
+    "LoopStep",
+    "MapStep",
+    "MergeStrategy",
+    "ParallelStep",
     "PausedException",
     "Pipeline",
     "PipelineAbortSignal",
@@ -41,7 +60,10 @@ __all__ = [
     "PipelineResult",
     "PostRun",
     "PostStep",
+    "PostgresCache",
     "PreRun",
+    "SQLiteCache",
+    "StateMachineStep",
     "Step",
     "StepConfig",
     "StepError",
@@ -50,6 +72,7 @@ __all__ = [
     "TaskClient",
     "TaskDetail",
     "TaskSummary",
+    "Transition",
     "__version__",
     "step",
 ]

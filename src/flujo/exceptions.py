@@ -29,6 +29,8 @@ __all__ = [
     "FlujoSignal",
     "InvalidMetadataError",
     "InvalidRunIdError",
+    "IterationLimitError",
+    "MergeConflictError",
     "PausedException",
     "PayloadTooLargeError",
     "PipelineAbortSignal",
@@ -40,6 +42,7 @@ __all__ = [
     "StateBackendError",
     "StateConflictError",
     "StepTimeoutError",
+    "UnknownBranchError",
 ]
 
 
@@ -177,6 +180,34 @@ class StepTimeoutError(FlujoError, TimeoutError):
         super().__init__(message)
         self.step_name = step_name
         self.timeout_s = timeout_s
+
+
+class UnknownBranchError(FlujoError):
+    """A branch step chose a branch (or a state machine a state) that does not exist."""
+
+    def __init__(self, message: str, *, step_name: str, key: str) -> None:
+        super().__init__(message)
+        self.step_name = step_name
+        self.key = key
+
+
+class IterationLimitError(FlujoError):
+    """A loop reached ``max_loops`` (or a state machine ``max_transitions``) without ending."""
+
+    def __init__(self, message: str, *, step_name: str, limit: int) -> None:
+        super().__init__(message)
+        self.step_name = step_name
+        self.limit = limit
+
+
+class MergeConflictError(FlujoError):
+    """Parallel branches changed the same context field and no mapping says which one wins."""
+
+    def __init__(self, message: str, *, step_name: str, field: str, branches: list[str]) -> None:
+        super().__init__(message)
+        self.step_name = step_name
+        self.field = field
+        self.branches = branches
 
 
 class FlujoSignal(BaseException):

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, cast
 
 import orjson
@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypeVar
 
 from flujo.application.core.executor_core import ExecutorCore
+from flujo.application.core.frame import Frame, Path, Recorded, RunScope, typed_output
 from flujo.application.state_manager import StateManager
 from flujo.domain.events import HookCallable, HookEvent, PostRun, PostStep, PreRun, StepFailure
 from flujo.domain.models import (
@@ -26,6 +27,7 @@ from flujo.domain.models import (
     PipelineResult,
     StepError,
     StepResult,
+    build_history,
 )
 from flujo.domain.pipeline import Pipeline, PipelineRegistry, parse_version
 from flujo.domain.step import Step
@@ -72,6 +74,8 @@ class _Run(Generic[CtxT]):
     history: list[StepResult]
     manager: StateManager | None
     resumed: bool
+    records: dict[tuple[Path, str], Recorded] = field(default_factory=dict)
+    """What composite steps recorded of the step in progress (on resume)."""
 
 
 class Flujo(Generic[InT, OutT, CtxT]):
@@ -233,9 +237,13 @@ class Flujo(Generic[InT, OutT, CtxT]):
     ) -> AsyncIterator[StepResult | PipelineResult[OutT, CtxT]]:
         """Yield a :class:`StepResult` as each step finishes, then the final result.
 
-        Each yielded success has already been checkpointed.
+        Sub-steps of composite steps (loop iterations, map items, branches) are yielded too, as
+        they finish, with their ``path`` set; a top-level step's result has ``path`` None. Each
+        yielded success has already been checkpointed.
         """
-        async for item in self._drive(initial_input, run_id, initial_context_data, metadata):
+        async for item in self._drive(
+            initial_input, run_id, initial_context_data, metadata, stream=True
+        ):
             yield item
 
     async def aclose(self) -> None:
@@ -372,7 +380,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
 
     def _resume(self, state: WorkflowState) -> _Run[CtxT] | PipelineResult[OutT, CtxT]:
         run_id = state.run_id
-        history = [StepResult.from_dict(record) for record in state.step_history]
+        history = build_history(state.step_history)
         if state.status in ("completed", "cancelled", "paused"):
             return self._stored_result(state, history)
         pipeline = self._pipeline_for_stored(state)
@@ -399,7 +407,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 stored_context=state.pipeline_context,
                 status=state.status,
             )
-        return _Run(run_id, pipeline, context, data, index, history, manager, resumed=True)
+        # The step in progress continues in this process: its recorded sub-steps are handed to
+        # it (below) rather than shown under a placeholder.
+        history = [r for r in history if r.attempts or r.index != index]
+        records = _records_of(state.step_history, index)
+        return _Run(run_id, pipeline, context, data, index, history, manager, True, records)
 
     def _stored_result(
         self, state: WorkflowState, history: list[StepResult]
@@ -413,7 +425,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
             except PipelineMismatchError:
                 pipeline = None
             if pipeline is not None:
-                output = _typed_output(output, pipeline.steps[-1])
+                output = typed_output(output, pipeline.steps[-1])
         error = None
         failed_step = None
         if state.error:
@@ -437,6 +449,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
         run_id: str | None,
         context_data: Mapping[str, Any] | None,
         metadata: Mapping[str, Any] | None,
+        *,
+        stream: bool = False,
     ) -> AsyncIterator[StepResult | PipelineResult[OutT, CtxT]]:
         opened = await self._open(initial_input, run_id, context_data, metadata)
         if isinstance(opened, PipelineResult):
@@ -460,6 +474,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         execute = self._executor.execute
         resources = self.resources
         data = run.data
+        scope: RunScope | None = None  # made when the first composite step runs
         final: PipelineResult[OutT, CtxT] | None = None
         if hooks:
             try:
@@ -470,7 +485,24 @@ class Flujo(Generic[InT, OutT, CtxT]):
         while final is None and index <= last:
             step = steps[index]
             try:
-                result = await execute(step, data, context, resources, index)
+                if not step.composite:
+                    result = await execute(step, data, context, resources, index)
+                else:
+                    if scope is None:
+                        scope = RunScope(
+                            self._executor, manager, context, resources, run.run_id, run.records
+                        )
+                    scope.top_index = index
+                    frame = Frame(scope, (index,))
+                    if not stream:
+                        result = await execute(step, data, context, resources, index, frame)
+                    else:
+                        streamed = _stream_composite(scope, execute, step, data, index, frame)
+                        async for nested in streamed:
+                            if nested.path is not None:
+                                yield nested
+                            else:
+                                result = nested
             except FlujoSignal as signal:
                 final = await self._stop(run, signal, index, step.name)
                 break
@@ -564,6 +596,35 @@ class Flujo(Generic[InT, OutT, CtxT]):
             logger.debug("ignoring PipelineAbortSignal raised by a %s hook", event.event_name)
 
 
+async def _stream_composite(
+    scope: RunScope,
+    execute: Any,
+    step: Step[Any, Any],
+    data: Any,
+    index: int,
+    frame: Frame,
+) -> AsyncIterator[StepResult]:
+    """Run a composite step, yielding its sub-steps' results as they finish, then its own."""
+    events: asyncio.Queue[StepResult] = asyncio.Queue()
+    scope.events = events
+    task = asyncio.ensure_future(execute(step, data, scope.context, scope.resources, index, frame))
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        while not events.empty():
+            yield events.get_nowait()
+        yield task.result()
+    finally:
+        scope.events = None
+        if not task.done():  # the consumer stopped early: stop the step too
+            task.cancel()
+
+
 def _refuse_running_loop(what: str, instead: str) -> None:
     try:
         asyncio.get_running_loop()
@@ -600,11 +661,22 @@ def _typed(value: Any, step: Step[Any, Any], run_id: str) -> Any:
         return value
 
 
-def _typed_output(value: Any, step: Step[Any, Any]) -> Any:
-    target = step.output_type
-    if target is Any or target is object or target is None:
-        return value
-    try:
-        return TypeAdapter(target).validate_python(value)
-    except Exception:
-        return value
+#: The keys of a stored step record that StepResult holds; any other key is an extra.
+_RECORD_KEYS = frozenset(
+    {"index", "name", "output", "success", "attempts", "latency_s", "error", "path", "kind"}
+    | {"cache_hit"}
+)
+
+
+def _records_of(records: list[dict[str, Any]], index: int) -> dict[tuple[Path, str], Recorded]:
+    """The successful sub-step records of top-level step ``index``, by (path, kind)."""
+    found: dict[tuple[Path, str], Recorded] = {}
+    for raw in records:
+        path = raw.get("path")
+        if not (isinstance(path, list) and path and path[0] == index and raw.get("success")):
+            continue
+        extras = {key: value for key, value in raw.items() if key not in _RECORD_KEYS}
+        found[(tuple(path), str(raw.get("kind", "step")))] = Recorded(
+            StepResult.from_dict(raw), extras
+        )
+    return found

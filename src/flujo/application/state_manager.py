@@ -15,6 +15,7 @@ serializer (JSON mode), so custom field types and serializers are honoured.
 
 from __future__ import annotations
 
+import asyncio
 import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,6 +43,7 @@ class StateManager:
         "_fields",
         "_header",
         "_initial",
+        "_lock",
         "_plain",
         "_status",
         "backend",
@@ -71,6 +73,7 @@ class StateManager:
         self.version = version
         self.history_len = history_len
         self._header = header
+        self._lock = asyncio.Lock()  # composite steps may record sub-steps concurrently
         self._status = status  # the stored status (None: not stored yet)
         self._plain = plain_json_fields(type(context))
         # field name -> (the value object last committed, its committed JSON bytes)
@@ -91,28 +94,61 @@ class StateManager:
 
     async def step_completed(self, result: StepResult, *, completed: bool) -> None:
         """Commit a successful step: its record, its output, the context it left."""
-        output = self.serializer.dumps(result.output, f"output of step {result.name!r}")
-        context, pending = self._context_changes()
-        await self._commit(
-            status="completed" if completed else "running",
-            current_step_index=result.index + 1,
-            last_step_output=output,
-            error=None,
-            context=context,
-            records=[_record(result, output)],
-        )
-        self._remember(pending)
+        async with self._lock:
+            output = self.serializer.dumps(result.output, f"output of step {result.name!r}")
+            context, pending = self._context_changes()
+            await self._commit(
+                status="completed" if completed else "running",
+                current_step_index=result.index + 1,
+                last_step_output=output,
+                error=None,
+                context=context,
+                records=[_record(result, output)],
+            )
+            self._remember(pending)
+
+    async def step_recorded(
+        self,
+        result: StepResult,
+        *,
+        top_index: int,
+        kind: str = "step",
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        """Commit a sub-step of the composite step at ``top_index`` (the run's progress stays
+        at that step): its record, its output and, if it succeeded, the context it left."""
+        async with self._lock:
+            where = f"step {result.name!r} at {list(result.location)}"
+            if result.success:
+                output = self.serializer.dumps(result.output, f"output of {where}")
+                context, pending = self._context_changes()
+            else:
+                output, context, pending = b"null", {}, []
+            extra = {
+                key: self.serializer.dumps(value, f"{key} of {where}")
+                for key, value in (extras or {}).items()
+            }
+            await self._commit(
+                status="running",
+                current_step_index=top_index,
+                last_step_output=None,
+                error=None,
+                context=context,
+                records=[_record(result, output, kind=kind, extras=extra)],
+            )
+            self._remember(pending)
 
     async def step_failed(self, result: StepResult) -> None:
         """Commit a failed step's record and the run's ``failed`` status; context unchanged."""
-        await self._commit(
-            status="failed",
-            current_step_index=result.index,
-            last_step_output=None,
-            error=_error(result.error, result.name),
-            context={},
-            records=[_record(result, b"null")],
-        )
+        async with self._lock:
+            await self._commit(
+                status="failed",
+                current_step_index=result.index,
+                last_step_output=None,
+                error=_error(result.error, result.name),
+                context={},
+                records=[_record(result, b"null")],
+            )
 
     async def stopped(
         self,
@@ -123,14 +159,15 @@ class StateManager:
         step_name: str | None,
     ) -> None:
         """Commit a pause or a cancellation at step ``index`` (context as last committed)."""
-        await self._commit(
-            status=status,
-            current_step_index=index,
-            last_step_output=None,
-            error=_error(reason, step_name),
-            context={},
-            records=[],
-        )
+        async with self._lock:
+            await self._commit(
+                status=status,
+                current_step_index=index,
+                last_step_output=None,
+                error=_error(reason, step_name),
+                context={},
+                records=[],
+            )
 
     def rollback_context(self) -> None:
         """Put the context back as last committed (after a failed step), in place."""
@@ -265,19 +302,32 @@ def _field_values(context: BaseModel) -> dict[str, Any]:
     return {name: values[name] for name in fields}
 
 
-def _record(result: StepResult, output: bytes) -> bytes:
-    """A step record as JSON, with the already-serialized output spliced in."""
-    head = orjson.dumps(
-        {
-            "index": result.index,
-            "name": result.name,
-            "success": result.success,
-            "attempts": result.attempts,
-            "latency_s": result.latency_s,
-            "error": None if result.error is None else result.error.to_dict(),
-        }
-    )
-    return head[:-1] + b',"output":' + output + b"}"
+def _record(
+    result: StepResult,
+    output: bytes,
+    *,
+    kind: str = "step",
+    extras: dict[str, bytes] | None = None,
+) -> bytes:
+    """A step record as JSON, with the already-serialized output (and extras) spliced in."""
+    head: dict[str, Any] = {
+        "index": result.index,
+        "name": result.name,
+        "success": result.success,
+        "attempts": result.attempts,
+        "latency_s": result.latency_s,
+        "error": None if result.error is None else result.error.to_dict(),
+    }
+    if result.path is not None:
+        head["path"] = result.path
+    if kind != "step":
+        head["kind"] = kind
+    if result.cache_hit:
+        head["cache_hit"] = True
+    record = orjson.dumps(head)[:-1] + b',"output":' + output
+    for key, value in (extras or {}).items():
+        record += b"," + orjson.dumps(key) + b":" + value
+    return record + b"}"
 
 
 def _error(error: StepError | None, step_name: str | None) -> bytes | None:

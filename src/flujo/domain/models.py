@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
 __all__ = [
     "AppResources",
@@ -110,10 +110,22 @@ class StepResult:
     """Why the step failed, when it did."""
     index: int = 0
     """The step's position in its pipeline (0-based)."""
+    path: tuple[int | str, ...] | None = None
+    """Where a nested step ran, from the top-level step's index down, e.g. ``(2, 7, 0)`` for
+    the first step of item 7 of a map that is top-level step 2. None for a top-level step."""
+    step_history: list[StepResult] = field(default_factory=list)
+    """The results of the steps a composite step (loop, map, branch, ...) ran, in order."""
+    cache_hit: bool = False
+    """True when a cached step returned a stored output instead of running."""
+
+    @property
+    def location(self) -> tuple[int | str, ...]:
+        """The step's path in the run (``(index,)`` for a top-level step)."""
+        return self.path if self.path is not None else (self.index,)
 
     def to_dict(self) -> dict[str, Any]:
-        """The stored form of this result."""
-        return {
+        """The stored form of this result (without its children, which are stored apart)."""
+        data: dict[str, Any] = {
             "index": self.index,
             "name": self.name,
             "output": self.output,
@@ -122,11 +134,17 @@ class StepResult:
             "latency_s": self.latency_s,
             "error": None if self.error is None else self.error.to_dict(),
         }
+        if self.path is not None:
+            data["path"] = list(self.path)
+        if self.cache_hit:
+            data["cache_hit"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepResult:
         """Rebuild a result from its stored form."""
         error = data.get("error")
+        path = data.get("path")
         return cls(
             name=str(data.get("name", "")),
             output=data.get("output"),
@@ -135,7 +153,44 @@ class StepResult:
             latency_s=float(data.get("latency_s", 0.0)),
             error=StepError.from_dict(error) if isinstance(error, dict) else None,
             index=int(data.get("index", 0)),
+            path=tuple(path) if isinstance(path, list) else None,
+            cache_hit=bool(data.get("cache_hit", False)),
         )
+
+
+def build_history(records: Iterable[Mapping[str, Any]]) -> list[StepResult]:
+    """Stored step records (flat, in the order they were written) as a tree.
+
+    A composite step's record is written after its children's, so each nested record goes
+    under the latest record whose location is the longest prefix of its own path; top-level
+    records form the root list. Children of a step still in progress (no record yet) go under
+    a placeholder for it, marked unsuccessful, at the end.
+    """
+    results = [StepResult.from_dict(record) for record in records]
+    latest: dict[tuple[int | str, ...], StepResult] = {}
+    for result in results:
+        latest[result.location] = result
+    roots: list[StepResult] = []
+    placeholders: dict[tuple[int | str, ...], StepResult] = {}
+    for result in results:
+        if result.path is None:
+            roots.append(result)
+            continue
+        parent = None
+        for cut in range(len(result.path) - 1, 0, -1):
+            parent = latest.get(result.path[:cut])
+            if parent is not None:
+                break
+        if parent is None:
+            top = result.path[:1]
+            parent = placeholders.get(top)
+            if parent is None:
+                index = top[0] if isinstance(top[0], int) else 0
+                parent = StepResult(name=f"step {index}", success=False, index=index)
+                placeholders[top] = parent
+        parent.step_history.append(result)
+    roots.extend(placeholders.values())
+    return roots
 
 
 OutT = TypeVar("OutT")

@@ -9,11 +9,25 @@ import math
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Concatenate,
+    Generic,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 from flujo.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    from flujo.application.core.frame import Frame
+    from flujo.domain.cache import CacheStep
+    from flujo.domain.control import ConditionalStep, LoopStep, MapStep, StateMachineStep
+    from flujo.domain.parallel import DynamicParallelRouterStep, ParallelStep
     from flujo.domain.pipeline import Pipeline
 
 __all__ = ["Step", "StepConfig", "step"]
@@ -144,6 +158,8 @@ class Step(Generic[InT, OutT]):
 
     name: str
     config: StepConfig
+    #: True for steps that run other steps (loops, maps, branches, ...): they run in a Frame.
+    composite: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -312,6 +328,81 @@ class Step(Generic[InT, OutT]):
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    async def _run(self, data: Any, frame: Frame) -> Any:
+        """Run a composite step in ``frame`` (composite step types override this)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a composite step")
+
+    # -- factories of the step library (same arguments as the classes) --------------------------
+
+    @staticmethod
+    def branch_on(
+        name: str,
+        condition_callable: Any,
+        branches: Any,
+        default_branch: Any = None,
+        **options: Any,
+    ) -> ConditionalStep[Any, Any]:
+        """A :class:`~flujo.ConditionalStep`: run the branch ``condition_callable`` picks."""
+        from flujo.domain.control import ConditionalStep  # noqa: PLC0415 - they import this module
+
+        return ConditionalStep(name, condition_callable, branches, default_branch, **options)
+
+    @staticmethod
+    def loop_until(
+        name: str,
+        loop_body_pipeline: Any,
+        exit_condition_callable: Any,
+        max_loops: int = 5,
+        **options: Any,
+    ) -> LoopStep[Any, Any]:
+        """A :class:`~flujo.LoopStep`: repeat the body until the exit condition holds."""
+        from flujo.domain.control import LoopStep  # noqa: PLC0415
+
+        return LoopStep(name, loop_body_pipeline, exit_condition_callable, max_loops, **options)
+
+    @staticmethod
+    def map_over(
+        name: str, item_pipeline: Any, max_concurrency: int = 1, **options: Any
+    ) -> MapStep[Any, Any]:
+        """A :class:`~flujo.MapStep`: run the item pipeline over each item of a list."""
+        from flujo.domain.control import MapStep  # noqa: PLC0415
+
+        return MapStep(name, item_pipeline, max_concurrency, **options)
+
+    @staticmethod
+    def parallel(name: str, branches: Any, **options: Any) -> ParallelStep[Any, Any]:
+        """A :class:`~flujo.ParallelStep`: run branches concurrently, merge their contexts."""
+        from flujo.domain.parallel import ParallelStep  # noqa: PLC0415
+
+        return ParallelStep(name, branches, **options)
+
+    @staticmethod
+    def dynamic_parallel_branch(
+        name: str, router_agent: Any, branches: Any, **options: Any
+    ) -> DynamicParallelRouterStep[Any, Any]:
+        """A :class:`~flujo.DynamicParallelRouterStep`: a router picks the branches to run."""
+        from flujo.domain.parallel import DynamicParallelRouterStep  # noqa: PLC0415
+
+        return DynamicParallelRouterStep(name, router_agent, branches, **options)
+
+    @staticmethod
+    def state_machine(
+        name: str, states: Any, start_state: str, end_states: Any, **options: Any
+    ) -> StateMachineStep[Any, Any]:
+        """A :class:`~flujo.StateMachineStep`: run states until an end state has run."""
+        from flujo.domain.control import StateMachineStep  # noqa: PLC0415
+
+        return StateMachineStep(name, states, start_state, end_states, **options)
+
+    @staticmethod
+    def cached(
+        step: Step[InT, OutT], cache_backend: Any = None, *, context_fields: Any = ()
+    ) -> CacheStep[InT, OutT]:
+        """A :class:`~flujo.CacheStep`: ``step`` memoized (an in-memory LRU by default)."""
+        from flujo.domain.cache import CacheStep  # noqa: PLC0415
+
+        return CacheStep(step, cache_backend, context_fields=context_fields)
 
     def __rshift__(
         self, other: Step[OutT, NewOutT] | Pipeline[OutT, NewOutT]

@@ -1,4 +1,4 @@
-"""ExecutorCore: runs one step, with injection, retries, backoff and a timeout."""
+"""ExecutorCore: runs one step of any kind, with injection, retries, backoff and a timeout."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import asyncio
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from flujo.application.core.frame import ChildFailed
 from flujo.domain.models import StepError, StepResult
 from flujo.exceptions import StepTimeoutError
 
 if TYPE_CHECKING:
+    from flujo.application.core.frame import Frame, Path
     from flujo.domain.step import Step
 
 __all__ = ["ExecutorCore"]
@@ -18,37 +20,47 @@ __all__ = ["ExecutorCore"]
 class ExecutorCore:
     """Executes steps. A failure becomes a failed :class:`StepResult`; signals propagate.
 
+    A plain step calls its function or agent. A composite step (loop, map, branch, ...) runs
+    in a :class:`~flujo.application.core.frame.Frame`, which records each sub-step durably; a
+    sub-step's failure fails the composite step with the sub-step's error.
+
     Retries use exponential backoff (``backoff_s``, doubling, capped at ``backoff_max_s``).
-    Before each retry the context is restored to what it was before the first attempt, so an
-    attempt's half-done changes never leak into the next one.
+    Before each retry of a plain step the context is restored to what it was before the first
+    attempt, so an attempt's half-done changes never leak into the next one. A composite step
+    that retries continues from the sub-steps it already recorded.
     """
 
     __slots__ = ()
 
     async def execute(
-        self, step: Step[Any, Any], data: Any, context: Any, resources: Any, index: int
+        self,
+        step: Step[Any, Any],
+        data: Any,
+        context: Any,
+        resources: Any,
+        index: int,
+        frame: Frame | None = None,
+        path: Path | None = None,
     ) -> StepResult:
         """Run ``step`` on ``data`` and describe the outcome."""
         config = step.config
         start = perf_counter()
         if config.retries == 0:
             try:
-                if config.timeout_s is None:
+                if config.timeout_s is not None:
+                    output = await _with_timeout(step, data, context, resources, frame)
+                elif frame is None:
                     output = await step._invoke(data, context, resources)
                 else:
-                    output = await _with_timeout(step, data, context, resources)
+                    output = await step._run(data, frame)
             except Exception as exc:
+                return _failure(step, exc, 1, start, index, frame, path)
+            if frame is None:
                 return StepResult(
-                    step.name,
-                    None,
-                    False,
-                    1,
-                    perf_counter() - start,
-                    StepError.from_exception(exc),
-                    index,
+                    step.name, output, True, 1, perf_counter() - start, None, index, path
                 )
-            return StepResult(step.name, output, True, 1, perf_counter() - start, None, index)
-        return await self._with_retries(step, data, context, resources, index, start)
+            return _success(step, output, 1, start, index, frame, path)
+        return await self._with_retries(step, data, context, resources, index, start, frame, path)
 
     async def _with_retries(
         self,
@@ -58,6 +70,8 @@ class ExecutorCore:
         resources: Any,
         index: int,
         start: float,
+        frame: Frame | None,
+        path: Path | None,
     ) -> StepResult:
         from tenacity import (  # noqa: PLC0415 - loaded only by steps that retry
             AsyncRetrying,
@@ -67,7 +81,9 @@ class ExecutorCore:
         )
 
         config = step.config
-        snapshot = context.model_copy(deep=True) if context is not None else None
+        # A composite step's progress is durable: a retry continues it, with the context as
+        # its recorded sub-steps left it. A plain step starts again from a clean context.
+        snapshot = context.model_copy(deep=True) if context is not None and frame is None else None
         attempts = 0
         retrying = AsyncRetrying(
             stop=stop_after_attempt(config.retries + 1),
@@ -81,30 +97,71 @@ class ExecutorCore:
                     attempts = attempt.retry_state.attempt_number
                     if attempts > 1 and snapshot is not None:
                         _restore(context, snapshot)
-                    if config.timeout_s is None:
+                    if config.timeout_s is not None:
+                        output = await _with_timeout(step, data, context, resources, frame)
+                    elif frame is None:
                         output = await step._invoke(data, context, resources)
                     else:
-                        output = await _with_timeout(step, data, context, resources)
+                        output = await step._run(data, frame)
         except Exception as exc:
-            return StepResult(
-                step.name,
-                None,
-                False,
-                attempts,
-                perf_counter() - start,
-                StepError.from_exception(exc),
-                index,
-            )
-        return StepResult(step.name, output, True, attempts, perf_counter() - start, None, index)
+            return _failure(step, exc, attempts, start, index, frame, path)
+        return _success(step, output, attempts, start, index, frame, path)
 
 
-async def _with_timeout(step: Step[Any, Any], data: Any, context: Any, resources: Any) -> Any:
+def _success(
+    step: Step[Any, Any],
+    output: Any,
+    attempts: int,
+    start: float,
+    index: int,
+    frame: Frame | None,
+    path: Path | None,
+) -> StepResult:
+    elapsed = perf_counter() - start
+    result = StepResult(step.name, output, True, attempts, elapsed, None, index, path)
+    if frame is not None:
+        result.step_history = frame.children
+        result.cache_hit = frame.cache_hit
+    return result
+
+
+def _failure(
+    step: Step[Any, Any],
+    exc: Exception,
+    attempts: int,
+    start: float,
+    index: int,
+    frame: Frame | None,
+    path: Path | None,
+) -> StepResult:
+    # A composite step fails with the error of the sub-step that failed.
+    error = exc.result.error if isinstance(exc, ChildFailed) else None
+    result = StepResult(
+        step.name,
+        None,
+        False,
+        attempts,
+        perf_counter() - start,
+        error or StepError.from_exception(exc),
+        index,
+        path,
+    )
+    if frame is not None:
+        result.step_history = frame.children
+    return result
+
+
+async def _with_timeout(
+    step: Step[Any, Any], data: Any, context: Any, resources: Any, frame: Frame | None
+) -> Any:
     timeout_s = step.config.timeout_s
     assert timeout_s is not None
     deadline = asyncio.timeout(timeout_s)
     try:
         async with deadline:
-            return await step._invoke(data, context, resources)
+            if frame is None:
+                return await step._invoke(data, context, resources)
+            return await step._run(data, frame)
     except TimeoutError:
         if not deadline.expired():
             raise  # the step's own TimeoutError, not ours

@@ -96,6 +96,11 @@ MIGRATIONS: tuple[str, ...] = (
         record json NOT NULL,
         PRIMARY KEY (run_id, seq)
     );
+    CREATE TABLE flujo_cache (
+        key text PRIMARY KEY,
+        value bytea NOT NULL,
+        created_at double precision NOT NULL
+    );
     """,
 )
 
@@ -577,6 +582,28 @@ class PostgresBackend(StateBackend):
         with _errors(self.dsn, None):
             pool = await self._get_pool()
             return int(await pool.fetchval(_DELETE_WHERE.format(where=where), *params))
+
+    # -- the step cache (CacheStep's PostgresCache) ----------------------------------------------
+
+    async def cache_get(self, key: str) -> bytes | None:
+        """The cached value under ``key``, or None."""
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            value = await pool.fetchval("SELECT value FROM flujo_cache WHERE key = $1", key)
+        return None if value is None else bytes(value)
+
+    async def cache_set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key`` (replacing any earlier value)."""
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            await pool.execute(
+                "INSERT INTO flujo_cache (key, value, created_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, "
+                "created_at = EXCLUDED.created_at",
+                key,
+                value,
+                now(),
+            )
 
     # -- reads -----------------------------------------------------------------------------------
 

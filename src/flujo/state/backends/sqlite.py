@@ -88,10 +88,15 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, key)
     );
     CREATE INDEX run_metadata_lookup ON run_metadata (key, value, created_at, run_id);
+    CREATE TABLE flujo_cache (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
     """,
 )
 
-_TABLES = ("run_context", "run_steps", "run_metadata", "runs")
+_TABLES = ("run_context", "run_steps", "run_metadata", "runs")  # a run's rows, runs last
 _SUMMARY_COLUMNS = (
     "r.run_id, r.pipeline_id, r.pipeline_name, r.pipeline_version, r.status, "
     "r.current_step_index, r.version, r.created_at, r.updated_at, r.metadata, r.error"
@@ -479,6 +484,31 @@ class SQLiteBackend(StateBackend):
                 )
             deleted = conn.execute(f"DELETE FROM runs WHERE {where}", params).rowcount  # noqa: S608 - fixed fragments
         return int(deleted)
+
+    # -- the step cache (CacheStep's SQLiteCache) ------------------------------------------------
+
+    async def cache_get(self, key: str) -> bytes | None:
+        """The cached value under ``key``, or None."""
+        with self._lock:
+            try:
+                row = (
+                    self._connection()
+                    .execute("SELECT value FROM flujo_cache WHERE key = ?", (key,))
+                    .fetchone()
+                )
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path, None) from exc
+        return None if row is None else _blob(row[0])
+
+    async def cache_set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key`` (replacing any earlier value)."""
+        with self._lock, _Transaction(self, None) as conn:
+            conn.execute(
+                "INSERT INTO flujo_cache (key, value, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "created_at = excluded.created_at",
+                (key, value, now()),
+            )
 
     async def aclose(self) -> None:
         """Close the database connection (it reopens on next use)."""
