@@ -59,7 +59,7 @@ class CacheStep(_Composite[InT, OutT]):
                 f"cache_backend must be a CacheBackend, got {type(cache_backend).__name__}"
             )
         self.wrapped = wrapped
-        self.cache = cache_backend or InMemoryCache()
+        self.cache = InMemoryCache() if cache_backend is None else cache_backend
         self.context_fields = tuple(context_fields)
         self.input_type = wrapped.input_type
         self.output_type = wrapped.output_type

@@ -13,8 +13,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from flujo.application.core.frame import call_user
-from flujo.domain.models import StepResult
+from flujo.application.core.frame import call_user, typed_input, typed_output
+from flujo.domain.models import StepResult, _path_key
 from flujo.domain.pipeline import Pipeline
 from flujo.domain.step import Step, StepConfig
 from flujo.exceptions import ConfigurationError, IterationLimitError, UnknownBranchError
@@ -31,6 +31,11 @@ Condition = Callable[[Any, Any], Any]
 """``(output, context) -> value``, sync or async."""
 
 StepLike = Step[Any, Any] | Pipeline[Any, Any]
+
+_SAME: Any = object()
+
+#: The history label of a conditional step's default branch.
+DEFAULT_LABEL = "<default>"
 
 
 def _pipeline(item: StepLike, what: str) -> Pipeline[Any, Any]:
@@ -59,8 +64,17 @@ class _Composite(Step[InT, OutT]):
         config: StepConfig | None = None,
         retries: int | None = None,
         timeout_s: float | None = None,
+        backoff_s: float | None = None,
+        backoff_max_s: float | None = None,
     ) -> None:
-        super().__init__(name, config=config, retries=retries, timeout_s=timeout_s)
+        super().__init__(
+            name,
+            config=config,
+            retries=retries,
+            timeout_s=timeout_s,
+            backoff_s=backoff_s,
+            backoff_max_s=backoff_max_s,
+        )
 
     async def _invoke(self, data: Any, context: Any, resources: Any) -> Any:
         raise ConfigurationError(f"{type(self).__name__} {self.name!r} runs in a frame only")
@@ -94,6 +108,12 @@ class ConditionalStep(_Composite[InT, OutT]):
         if not isinstance(branches, Mapping) or not branches:
             raise ConfigurationError(f"step {name!r}: branches must be a non-empty mapping")
         self.branches = {key: _pipeline(item, f"branch {key!r}") for key, item in branches.items()}
+        labels = [str(key) for key in self.branches]
+        if len(set(labels)) != len(labels) or DEFAULT_LABEL in labels:
+            raise ConfigurationError(
+                f"step {name!r}: branch keys must be distinct as text (they name the branches "
+                f"in the run's history), and {DEFAULT_LABEL!r} is reserved; got {labels}"
+            )
         self.default_branch = (
             None if default_branch is None else _pipeline(default_branch, "default_branch")
         )
@@ -107,7 +127,7 @@ class ConditionalStep(_Composite[InT, OutT]):
             if key in self.branches:
                 label = str(key)
             elif self.default_branch is not None:
-                label = "default"
+                label = DEFAULT_LABEL
             else:
                 raise UnknownBranchError(
                     f"step {self.name!r}: the condition chose {key!r}, which is not one of the "
@@ -125,7 +145,7 @@ class ConditionalStep(_Composite[InT, OutT]):
         for key, branch in self.branches.items():
             if str(key) == label:
                 return branch
-        if label == "default" and self.default_branch is not None:
+        if label == DEFAULT_LABEL and self.default_branch is not None:
             return self.default_branch
         raise UnknownBranchError(
             f"step {self.name!r}: the recorded branch {label!r} no longer exists",
@@ -183,27 +203,62 @@ class LoopStep(_Composite[InT, OutT]):
         context = frame.context
         body = self.loop_body_pipeline
         if self.initial_input_to_loop_body_mapper is not None:
-            data = await call_user(self.initial_input_to_loop_body_mapper, data, context)
+            started = frame.recorded(frame.path, "decision")
+            if started is not None:
+                data = typed_input(started.result.output, body.steps[0])
+            else:
+                data = await call_user(self.initial_input_to_loop_body_mapper, data, context)
+                await frame.record(
+                    StepResult(f"{self.name}:start", data, path=frame.path), kind="decision"
+                )
         for iteration in range(self.max_loops):
             prefix = (*frame.path, iteration)
+            # An iteration whose end was recorded is replayed, not re-decided: its exit decision
+            # and its mapped next input were taken with the context of that moment.
+            ended = frame.recorded(prefix, "iteration")
+            if ended is not None:
+                frame.pipeline_done(body, prefix)  # its steps, for the history
+                if ended.extras.get("exit"):
+                    if self.loop_output_mapper is not None:
+                        return ended.result.output
+                    return typed_output(ended.result.output, body.steps[-1])
+                data = typed_input(ended.extras.get("next", ended.result.output), body.steps[0])
+                continue
             done = frame.pipeline_done(body, prefix)
-            if done is not None:  # finished before a crash: take its output, run nothing
-                frame.children.append(done)
+            if done is not None:  # the body finished, its end was not recorded yet
                 output = done.output
             else:
                 output = await frame.run_pipeline(body, data, prefix)
             if await call_user(self.exit_condition_callable, output, context):
                 if self.loop_output_mapper is not None:
                     output = await call_user(self.loop_output_mapper, output, context)
+                await self._ended(frame, prefix, output, exit=True)
                 return output
             data = output
             if self.iteration_input_mapper is not None:
                 data = await call_user(self.iteration_input_mapper, output, context, iteration)
+            await self._ended(frame, prefix, output, exit=False, following=data)
         raise IterationLimitError(
             f"loop {self.name!r} reached max_loops={self.max_loops} without its exit condition",
             step_name=self.name,
             limit=self.max_loops,
         )
+
+    async def _ended(
+        self,
+        frame: Frame,
+        prefix: tuple[int | str, ...],
+        output: Any,
+        *,
+        exit: bool,
+        following: Any = _SAME,
+    ) -> None:
+        """Record the end of an iteration: its output, the exit decision, the next input."""
+        extras: dict[str, Any] = {"exit": exit}
+        if following is not _SAME and self.iteration_input_mapper is not None:
+            extras["next"] = following
+        result = StepResult(f"{self.name}:iteration", output, path=prefix)
+        await frame.record(result, kind="iteration", extras=extras)
 
 
 class MapStep(_Composite[InT, OutT]):
@@ -247,7 +302,6 @@ class MapStep(_Composite[InT, OutT]):
             if done is None:
                 pending.append(position)
             else:
-                frame.children.append(done)
                 outputs[position] = done.output
         if self.max_concurrency == 1 or len(pending) <= 1:
             for position in pending:
@@ -256,7 +310,7 @@ class MapStep(_Composite[InT, OutT]):
                 )
         else:
             await self._concurrently(frame, items, pending, outputs)
-        frame.children.sort(key=lambda r: r.location)
+        frame.children.sort(key=lambda r: _path_key(r.location))
         return outputs
 
     async def _concurrently(
@@ -354,13 +408,12 @@ class StateMachineStep(_Composite[InT, OutT]):
             prefix = (*frame.path, turn, state)
             done = frame.pipeline_done(pipeline, prefix)
             if done is not None:
-                frame.children.append(done)
                 output = done.output
             else:
                 output = await frame.run_pipeline(pipeline, data, prefix)
-            if state in self.end_states:
-                return output.output if isinstance(output, Transition) else output
             nxt, data = _transition(output)
+            if state in self.end_states:  # its output, unwrapped if it named a transition
+                return output if nxt is None else data
             if nxt is None:
                 raise UnknownBranchError(
                     f"state {state!r} of {self.name!r} returned {type(output).__name__}, not a "

@@ -166,7 +166,11 @@ def build_history(records: Iterable[Mapping[str, Any]]) -> list[StepResult]:
     records form the root list. Children of a step still in progress (no record yet) go under
     a placeholder for it, marked unsuccessful, at the end.
     """
-    results = [StepResult.from_dict(record) for record in records]
+    results = [
+        StepResult.from_dict(record)
+        for record in records
+        if record.get("kind", "step") in ("step", "branch")  # not the bookkeeping records
+    ]
     latest: dict[tuple[int | str, ...], StepResult] = {}
     for result in results:
         latest[result.location] = result
@@ -186,11 +190,22 @@ def build_history(records: Iterable[Mapping[str, Any]]) -> list[StepResult]:
             parent = placeholders.get(top)
             if parent is None:
                 index = top[0] if isinstance(top[0], int) else 0
-                parent = StepResult(name=f"step {index}", success=False, index=index)
+                # attempts=0 marks a placeholder: no record of this step exists yet
+                parent = StepResult(name=f"step {index}", success=False, attempts=0, index=index)
                 placeholders[top] = parent
         parent.step_history.append(result)
     roots.extend(placeholders.values())
+    for result in results:  # siblings in path order, as the live steps list them
+        if len(result.step_history) > 1:
+            result.step_history.sort(key=lambda child: _path_key(child.location))
+    for placeholder in placeholders.values():
+        placeholder.step_history.sort(key=lambda child: _path_key(child.location))
     return roots
+
+
+def _path_key(path: tuple[int | str, ...]) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of a path: numbers by value, names by text, numbers before names."""
+    return tuple((0, part) if isinstance(part, int) else (1, str(part)) for part in path)
 
 
 OutT = TypeVar("OutT")

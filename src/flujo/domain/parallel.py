@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from flujo.application.core.frame import ChildFailed, call_user
 from flujo.domain.control import StepLike, _callable, _Composite, _pipeline
-from flujo.domain.models import StepError, StepResult
+from flujo.domain.models import StepError, StepResult, _path_key
 from flujo.exceptions import ConfigurationError, MergeConflictError, UnknownBranchError
 
 if TYPE_CHECKING:
@@ -144,10 +144,7 @@ class ParallelStep(_Composite[InT, OutT]):
             raise ChildFailed(failures[min(failures, key=names.index)])
         finished = [name for name in names if name in outcomes]
         await self._merge(context, base, [(name, outcomes[name][1]) for name in finished])
-        depth = len(frame.path)
-        frame.children.sort(
-            key=lambda r: names.index(str(r.location[depth])) if len(r.location) > depth else -1
-        )
+        frame.children.sort(key=lambda r: _path_key(r.location))  # as the stored history has it
         return {name: outcomes[name][0] for name in finished}
 
     async def _run_branches(

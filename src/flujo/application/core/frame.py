@@ -29,9 +29,20 @@ if TYPE_CHECKING:
     from flujo.domain.pipeline import Pipeline
     from flujo.domain.step import Step
 
-__all__ = ["ChildFailed", "Frame", "Recorded", "RunScope", "call_user", "typed_output"]
+__all__ = [
+    "ChildFailed",
+    "Frame",
+    "Recorded",
+    "RunScope",
+    "call_user",
+    "typed_input",
+    "typed_output",
+]
 
 Path = tuple[int | str, ...]
+
+#: Record kinds that appear in the step history (the others are bookkeeping).
+_SHOWN = frozenset({"step", "branch"})
 
 
 @dataclass(slots=True)
@@ -122,8 +133,13 @@ class Frame:
         self, result: StepResult, *, kind: str = "step", extras: dict[str, Any] | None = None
     ) -> None:
         """Keep a finished sub-step: in this frame's history and, in a durable frame, in the
-        run's records and the store (one checkpoint, with the context fields that changed)."""
-        self.children.append(result)
+        run's records and the store (one checkpoint, with the context fields that changed).
+
+        Bookkeeping records (kinds other than ``step`` and ``branch``: a branch decision, the
+        end of a loop iteration) are stored but not shown in the history."""
+        shown = kind in _SHOWN
+        if shown:
+            self.children.append(result)
         scope = self.scope
         if self.durable:
             if result.success:
@@ -132,7 +148,11 @@ class Frame:
                 await scope.manager.step_recorded(
                     result, top_index=scope.top_index, kind=kind, extras=extras
                 )
-        if scope.events is not None:
+                if not result.success:
+                    # The failed sub-step's context changes were not committed: drop them, so a
+                    # retry (or the rest of the run) sees the context as recorded.
+                    scope.manager.rollback_context()
+        if shown and scope.events is not None:
             scope.events.put_nowait(result)
 
     async def run_step(self, step: Step[Any, Any], data: Any, path: Path, index: int) -> StepResult:
@@ -162,13 +182,21 @@ class Frame:
         return data
 
     def pipeline_done(self, pipeline: Pipeline[Any, Any], prefix: Path) -> StepResult | None:
-        """The recorded result of ``pipeline``'s last step at ``prefix``, if it finished."""
-        recorded = self.recorded((*prefix, len(pipeline.steps) - 1))
+        """If ``pipeline`` finished at ``prefix`` in an earlier attempt: its last step's result
+        (output typed), after adding the recorded results of all its steps to the history."""
+        last = len(pipeline.steps) - 1
+        recorded = self.recorded((*prefix, last))
         if recorded is None:
             return None
-        return replace(
+        for index in range(last):
+            earlier = self.recorded((*prefix, index))
+            if earlier is not None:
+                self.children.append(earlier.result)
+        result = replace(
             recorded.result, output=typed_output(recorded.result.output, pipeline.steps[-1])
         )
+        self.children.append(result)
+        return result
 
 
 async def call_user(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -177,6 +205,17 @@ async def call_user(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if inspect.isawaitable(outcome):
         outcome = await outcome
     return outcome
+
+
+def typed_input(value: Any, step: Step[Any, Any]) -> Any:
+    """A stored value (JSON data) validated into ``step``'s declared input type, if any."""
+    target = step.input_type
+    if target is Any or target is object:
+        return value
+    try:
+        return TypeAdapter(target).validate_python(value)
+    except Exception:  # a type pydantic cannot validate, or data that no longer fits
+        return value
 
 
 def typed_output(value: Any, step: Step[Any, Any]) -> Any:
