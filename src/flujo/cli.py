@@ -545,7 +545,10 @@ def _total_steps(runner: Flujo[Any, Any, Any]) -> int | None:
 
 
 def _step_line(result: StepResult, total: int | None) -> Text:
-    position = f"{result.index + 1}/{total}" if total else f"{result.index + 1}"
+    if result.path is not None:  # a sub-step of a composite step: show where it ran
+        position = "  " + ".".join(str(part) for part in result.path)
+    else:
+        position = f"{result.index + 1}/{total}" if total else f"{result.index + 1}"
     line = Text(f"{position:>7} ")
     if result.success:
         line.append("ok    ", style="green")
@@ -591,7 +594,7 @@ async def _drive(
                 if progress is not None and task is not None:
                     progress.update(
                         task,
-                        advance=1 if item.success else 0,
+                        advance=1 if item.success and item.path is None else 0,
                         description=f"after {item.name}",
                     )
             else:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flujo.domain.models import StepResult
+from flujo.domain.models import StepResult, build_history
 from flujo.exceptions import ConfigurationError, PipelineMismatchError, RunNotFoundError
 from flujo.state.backends.base import MetadataValue, StateBackend, validate_run_id
 
@@ -126,7 +126,7 @@ class TaskClient:
             error=state.get("error"),
             step_names=state.get("step_names") or [],
             context=state.get("pipeline_context") or {},
-            step_history=[StepResult.from_dict(r) for r in state.get("step_history") or []],
+            step_history=build_history(state.get("step_history") or []),
             last_step_output=state.get("last_step_output"),
             initial_input=state.get("initial_input"),
         )

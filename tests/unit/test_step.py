@@ -384,3 +384,16 @@ def test_declared_types_are_recorded() -> None:
 
     assert to_len.input_type is str
     assert to_len.output_type is int
+
+
+def test_a_sync_step_raising_stop_iteration_fails_instead_of_hanging() -> None:
+    """StopIteration cannot cross from a worker thread into a future; it becomes a failure."""
+
+    def first_even(numbers: list[int]) -> int:
+        return next(n for n in numbers if n % 2 == 0)
+
+    result = Flujo(Step.from_callable(first_even), persist_state=False).run([1, 3])
+    assert result.status == "failed"
+    assert result.error is not None
+    assert result.error.type == "RuntimeError"
+    assert "StopIteration" in result.error.message

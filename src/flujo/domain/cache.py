@@ -6,9 +6,10 @@ import functools
 import hashlib
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import orjson
+from typing_extensions import TypeVar
 
 from flujo.application.core.frame import ChildFailed, typed_output
 from flujo.domain.control import _Composite
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CacheStep"]
 
-InT = TypeVar("InT")
-OutT = TypeVar("OutT")
+InT = TypeVar("InT", default=Any)
+OutT = TypeVar("OutT", default=Any)
 
 _SERIALIZER = Serializer()
 

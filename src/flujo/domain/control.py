@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from typing_extensions import TypeVar
 
 from flujo.application.core.frame import call_user, typed_input, typed_output
 from flujo.domain.models import StepResult, _path_key
@@ -24,8 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ConditionalStep", "LoopStep", "MapStep", "StateMachineStep", "Transition"]
 
-InT = TypeVar("InT")
-OutT = TypeVar("OutT")
+InT = TypeVar("InT", default=Any)
+OutT = TypeVar("OutT", default=Any)
 
 Condition = Callable[[Any, Any], Any]
 """``(output, context) -> value``, sync or async."""

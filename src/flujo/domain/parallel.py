@@ -16,9 +16,10 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+from typing_extensions import TypeVar
 
 from flujo.application.core.frame import ChildFailed, call_user
 from flujo.domain.control import StepLike, _callable, _Composite, _pipeline
@@ -35,8 +36,8 @@ __all__ = [
     "ParallelStep",
 ]
 
-InT = TypeVar("InT")
-OutT = TypeVar("OutT")
+InT = TypeVar("InT", default=Any)
+OutT = TypeVar("OutT", default=Any)
 
 #: ``merge(context, {branch name: branch context})``, sync or async: merge by hand.
 MergeCallable = Callable[[Any, Mapping[str, Any]], Awaitable[None] | None]

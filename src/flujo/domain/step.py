@@ -322,7 +322,7 @@ class Step(Generic[InT, OutT]):
         if self._is_async:
             return await target(*args, **kwargs)
         if self.config.run_in_thread:
-            result = await asyncio.to_thread(target, *args, **kwargs)
+            result = await asyncio.to_thread(_in_thread, target, *args, **kwargs)
         else:
             result = target(*args, **kwargs)
         if inspect.isawaitable(result):
@@ -413,6 +413,15 @@ class Step(Generic[InT, OutT]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def _in_thread(target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``target`` in a worker thread; a StopIteration cannot cross into a future (asyncio
+    would leave the step waiting forever), so it becomes a RuntimeError, as in a coroutine."""
+    try:
+        return target(*args, **kwargs)
+    except StopIteration as exc:
+        raise RuntimeError(f"step function raised StopIteration: {exc}") from exc
 
 
 class _StepDecorator(Protocol):
