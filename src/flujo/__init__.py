@@ -11,8 +11,6 @@
 from typing import TYPE_CHECKING, Any
 
 from flujo.application.runner import Flujo
-from flujo.domain.cache import CacheStep
-from flujo.domain.control import ConditionalStep, LoopStep, MapStep, StateMachineStep, Transition
 from flujo.domain.events import HookEvent, PostRun, PostStep, PreRun, StepFailure
 from flujo.domain.models import (
     AppResources,
@@ -21,19 +19,27 @@ from flujo.domain.models import (
     StepError,
     StepResult,
 )
-from flujo.domain.parallel import (
-    BranchFailureStrategy,
-    DynamicParallelRouterStep,
-    MergeStrategy,
-    ParallelStep,
-)
 from flujo.domain.pipeline import Pipeline, PipelineRegistry
 from flujo.domain.step import Step, StepConfig, step
 from flujo.exceptions import FlujoError, PausedException, PipelineAbortSignal
-from flujo.state.cache import CacheBackend, InMemoryCache, PostgresCache, SQLiteCache
 
 if TYPE_CHECKING:
     from flujo.client import TaskClient, TaskDetail, TaskSummary
+    from flujo.domain.cache import CacheStep
+    from flujo.domain.control import (
+        ConditionalStep,
+        LoopStep,
+        MapStep,
+        StateMachineStep,
+        Transition,
+    )
+    from flujo.domain.parallel import (
+        BranchFailureStrategy,
+        DynamicParallelRouterStep,
+        MergeStrategy,
+        ParallelStep,
+    )
+    from flujo.state.cache import CacheBackend, InMemoryCache, PostgresCache, SQLiteCache
 
 __version__ = "0.1.0"
 
@@ -78,12 +84,34 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The TaskClient and its models load on first use: most programs only run pipelines.
-    if name in ("TaskClient", "TaskDetail", "TaskSummary"):
-        from flujo import client  # noqa: PLC0415
+#: Names loaded on first use (most programs only run pipelines of plain steps).
+_LAZY = {
+    "TaskClient": "flujo.client",
+    "TaskDetail": "flujo.client",
+    "TaskSummary": "flujo.client",
+    "CacheStep": "flujo.domain.cache",
+    "ConditionalStep": "flujo.domain.control",
+    "LoopStep": "flujo.domain.control",
+    "MapStep": "flujo.domain.control",
+    "StateMachineStep": "flujo.domain.control",
+    "Transition": "flujo.domain.control",
+    "BranchFailureStrategy": "flujo.domain.parallel",
+    "DynamicParallelRouterStep": "flujo.domain.parallel",
+    "MergeStrategy": "flujo.domain.parallel",
+    "ParallelStep": "flujo.domain.parallel",
+    "CacheBackend": "flujo.state.cache",
+    "InMemoryCache": "flujo.state.cache",
+    "PostgresCache": "flujo.state.cache",
+    "SQLiteCache": "flujo.state.cache",
+}
 
-        value = getattr(client, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
