@@ -74,7 +74,25 @@ class InMemoryCache(CacheBackend):
         return len(self._entries)
 
 
-class SQLiteCache(CacheBackend):
+class _StoreCache(CacheBackend):
+    """Cached outputs in the ``flujo_cache`` table of a state store."""
+
+    backend: SQLiteBackend | PostgresBackend
+
+    async def get(self, key: str) -> bytes | None:
+        """The value under ``key``, or None."""
+        return await self.backend.cache_get(key)
+
+    async def set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``."""
+        await self.backend.cache_set(key, value)
+
+    async def aclose(self) -> None:
+        """Release the store's connections."""
+        await self.backend.aclose()
+
+
+class SQLiteCache(_StoreCache):
     """Cached outputs in a SQLite store's ``flujo_cache`` table.
 
     Pass the :class:`~flujo.state.SQLiteBackend` your runs use (to share its file and
@@ -89,20 +107,8 @@ class SQLiteCache(CacheBackend):
         else:
             self.backend = SQLiteBackend(Path(backend_or_path))
 
-    async def get(self, key: str) -> bytes | None:
-        """The value under ``key``, or None."""
-        return await self.backend.cache_get(key)
 
-    async def set(self, key: str, value: bytes) -> None:
-        """Store ``value`` under ``key``."""
-        await self.backend.cache_set(key, value)
-
-    async def aclose(self) -> None:
-        """Close the store's connection."""
-        await self.backend.aclose()
-
-
-class PostgresCache(CacheBackend):
+class PostgresCache(_StoreCache):
     """Cached outputs in a Postgres store's ``flujo_cache`` table (created by ``flujo migrate``).
 
     Pass the :class:`~flujo.state.PostgresBackend` your runs use (to share its pool) or a DSN.
@@ -115,15 +121,3 @@ class PostgresCache(CacheBackend):
             self.backend = backend_or_dsn
         else:
             self.backend = PostgresBackend(backend_or_dsn)
-
-    async def get(self, key: str) -> bytes | None:
-        """The value under ``key``, or None."""
-        return await self.backend.cache_get(key)
-
-    async def set(self, key: str, value: bytes) -> None:
-        """Store ``value`` under ``key``."""
-        await self.backend.cache_set(key, value)
-
-    async def aclose(self) -> None:
-        """Drain the store's pool."""
-        await self.backend.aclose()
