@@ -26,6 +26,7 @@ from flujo.exceptions import FlujoError, PausedException, PipelineAbortSignal
 if TYPE_CHECKING:
     from flujo.client import TaskClient, TaskDetail, TaskSummary
     from flujo.domain.cache import CacheStep
+    from flujo.domain.human import HumanInTheLoopStep
     from flujo.domain.control import (
         ConditionalStep,
         LoopStep,
@@ -53,6 +54,7 @@ __all__ = [
     "Flujo",
     "FlujoError",
     "HookEvent",
+    "HumanInTheLoopStep",
     "InMemoryCache",
     "LoopStep",
     "MapStep",
@@ -90,6 +92,7 @@ _LAZY = {
     "TaskDetail": "flujo.client",
     "TaskSummary": "flujo.client",
     "CacheStep": "flujo.domain.cache",
+    "HumanInTheLoopStep": "flujo.domain.human",
     "ConditionalStep": "flujo.domain.control",
     "LoopStep": "flujo.domain.control",
     "MapStep": "flujo.domain.control",

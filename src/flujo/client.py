@@ -39,7 +39,16 @@ class TaskSummary(BaseModel):
     updated_at: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
     error: dict[str, Any] | None = None
-    """Why the run failed, paused or was cancelled: ``{"type", "message", "step"}``."""
+    """Why the run failed, paused or was cancelled: ``{"type", "message", "step"}`` (and
+    ``"path"`` for a pause)."""
+
+    @property
+    def question(self) -> str | None:
+        """What a paused run is waiting for (the paused step's message), else None."""
+        if self.status != "paused" or not self.error:
+            return None
+        message = self.error.get("message")
+        return message if isinstance(message, str) else None
 
 
 class TaskDetail(TaskSummary):
@@ -132,13 +141,16 @@ class TaskClient:
         )
 
     async def resume_task(self, run_id: str, input: Any = None) -> PipelineResult[Any, Any]:
-        """Continue a failed or interrupted run on the pipeline version it started with.
+        """Continue a run on the pipeline version it started with (found in the registry).
 
-        A completed (or cancelled) run returns its stored result and runs nothing. Raises
+        A paused run gets ``input`` as the answer to its pause (see
+        :meth:`Flujo.resume_async`: validated, committed, then the run goes on; answering a
+        pause twice raises :class:`~flujo.exceptions.StateConflictError`). A failed or
+        interrupted run continues after its last checkpoint (``input`` is ignored). A
+        completed (or cancelled) run returns its stored result and runs nothing. Raises
         :class:`~flujo.exceptions.RunNotFoundError` for an unknown id and
         :class:`~flujo.exceptions.PipelineMismatchError` when that version is not in the
-        registry or its steps changed. ``input`` is ignored for now: a failed or interrupted
-        run continues with its stored data.
+        registry or its steps changed.
         """
         from flujo.application.runner import Flujo  # noqa: PLC0415
 
@@ -162,6 +174,8 @@ class TaskClient:
             context_model=self.registry.get_context_model(name, version),
             state_backend=self.backend,
         )
+        if state["status"] == "paused":
+            return await runner.resume_async(run_id, input)
         return await runner.run_async(input, run_id=run_id)
 
     async def delete_task(self, run_id: str) -> bool:

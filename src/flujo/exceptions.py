@@ -23,10 +23,12 @@ from typing import Any
 
 __all__ = [
     "ConfigurationError",
+    "ContextReferenceError",
     "ContextValidationError",
     "CorruptStateError",
     "FlujoError",
     "FlujoSignal",
+    "HumanInputError",
     "InvalidMetadataError",
     "InvalidRunIdError",
     "IterationLimitError",
@@ -182,6 +184,27 @@ class StepTimeoutError(FlujoError, TimeoutError):
         self.timeout_s = timeout_s
 
 
+class HumanInputError(FlujoError, ValueError):
+    """Human input given to resume a paused run does not fit the step's ``input_schema``.
+
+    Nothing was written: the run stays paused. ``errors`` holds pydantic's error list.
+    """
+
+    def __init__(self, message: str, *, run_id: str, errors: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.errors = errors
+
+
+class ContextReferenceError(FlujoError):
+    """A ContextReference was read before it was hydrated (its provider is missing or failed)."""
+
+    def __init__(self, message: str, *, provider_id: str, key: str) -> None:
+        super().__init__(message)
+        self.provider_id = provider_id
+        self.key = key
+
+
 class UnknownBranchError(FlujoError):
     """A branch step chose a branch (or a state machine a state) that does not exist."""
 
@@ -218,11 +241,14 @@ class PausedException(FlujoSignal):
     """Raised by a step to pause the run (for example, to wait for a human).
 
     The runner catches it, stores the run with status ``paused`` and returns a paused result.
+    ``step_name`` and ``path`` say which step paused (filled in by flujo as it propagates).
     """
 
     def __init__(self, message: str = "Paused") -> None:
         super().__init__(message)
         self.message = message
+        self.step_name: str | None = None
+        self.path: tuple[int | str, ...] | None = None
 
 
 class PipelineAbortSignal(FlujoSignal):

@@ -40,7 +40,9 @@ from flujo.exceptions import (
     PipelineAbortSignal,
     PipelineMismatchError,
     PipelineNotFoundError,
+    RunNotFoundError,
     SerializationError,
+    StateConflictError,
 )
 from flujo.state.backends.base import (
     RunHeader,
@@ -246,6 +248,71 @@ class Flujo(Generic[InT, OutT, CtxT]):
         ):
             yield item
 
+    async def resume_async(
+        self, paused: PipelineResult[Any, Any] | str, human_input: Any
+    ) -> PipelineResult[OutT, CtxT]:
+        """Answer a paused run (its result, or its run id) and continue it to the end.
+
+        The answer becomes the output of the step that paused (validated into a
+        :class:`~flujo.HumanInTheLoopStep`'s ``input_schema``; a mismatch raises
+        :class:`~flujo.exceptions.HumanInputError` and the run stays paused) and is committed
+        before anything else runs. Answering a pause that was already answered (here, or in
+        another process at the same time) raises :class:`~flujo.exceptions.StateConflictError`
+        and runs nothing.
+        """
+        run_id = paused if isinstance(paused, str) else paused.run_id
+        validate_run_id(run_id)
+        backend = self.state_backend
+        if backend is None:
+            raise ConfigurationError("resume_async needs a state backend: paused runs are stored")
+        stored = await backend.load_state(run_id)
+        if stored is None:
+            raise RunNotFoundError(f"no run {run_id!r} in the store", run_id=run_id)
+        try:
+            state = WorkflowState.model_validate(stored)
+        except ValidationError as exc:
+            raise CorruptStateError(
+                f"stored state of run {run_id!r} has an unexpected shape: {exc}", run_id=run_id
+            ) from exc
+        if state.status != "paused":
+            raise StateConflictError(
+                f"run {run_id!r} is {state.status}, not paused: its pause was answered already, "
+                "or it never paused",
+                run_id=run_id,
+                expected_version=state.version,
+                actual_version=state.version,
+            )
+        pipeline = self._pipeline_for_stored(state)
+        raw = (state.error or {}).get("path")
+        path = tuple(raw) if isinstance(raw, list) and raw else (state.current_step_index,)
+        try:
+            step = pipeline.step_at(path)
+        except LookupError as exc:
+            raise CorruptStateError(
+                f"run {run_id!r} paused at {list(path)}, which its pipeline does not have",
+                run_id=run_id,
+            ) from exc
+        validate = getattr(step, "validate_answer", None)
+        answer = validate(human_input, run_id=run_id) if validate else human_input
+        manager = StateManager(
+            backend,
+            run_id,
+            self._restore_context(state),
+            version=state.version,
+            history_len=len(state.step_history),
+            header=None,
+            stored_context=state.pipeline_context,
+            status="paused",
+        )
+        last = path[-1] if isinstance(path[-1], int) else 0
+        if len(path) == 1:  # a top-level step: its answer completes it
+            answered = StepResult(step.name, answer, True, 1, 0.0, None, last)
+            await manager.step_completed(answered, completed=last == len(pipeline.steps) - 1)
+        else:  # a sub-step: its composite step finds the answer when it runs again
+            answered = StepResult(step.name, answer, True, 1, 0.0, None, last, path)
+            await manager.step_recorded(answered, top_index=int(path[0]))
+        return await self.run_async(cast(InT, None), run_id=run_id)  # input unused on resume
+
     async def aclose(self) -> None:
         """Release the state backend (including one passed in) and anything it holds."""
         if self.state_backend is not None:
@@ -394,7 +461,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
         if index == len(pipeline.steps):  # every step done; only the final status was lost
             return self._stored_result(state.model_copy(update={"status": "completed"}), history)
         value = state.last_step_output if index > 0 else state.initial_input
-        data = _typed(value, pipeline.steps[index], run_id)
+        step = pipeline.steps[index]
+        if step.input_type is Any and index > 0:  # the next step declares nothing: use what
+            data = typed_output(value, pipeline.steps[index - 1])  # the previous one declared
+        else:
+            data = _typed(value, step, run_id)
         manager = None
         if self.state_backend is not None:
             manager = StateManager(
@@ -571,8 +642,14 @@ class Flujo(Generic[InT, OutT, CtxT]):
         else:  # pragma: no cover - no other signals exist
             raise signal
         reason = StepError(type(signal).__name__, str(signal))
+        path: tuple[int | str, ...] | None = None
+        if isinstance(signal, PausedException):
+            path = signal.path or (index,)
+            step_name = signal.step_name or step_name
         if run.manager is not None:
-            await run.manager.stopped(status, index=index, reason=reason, step_name=step_name)
+            await run.manager.stopped(
+                status, index=index, reason=reason, step_name=step_name, path=path
+            )
             run.manager.rollback_context()
         return PipelineResult(run.run_id, status, None, run.history, run.context, reason, step_name)
 

@@ -157,14 +157,16 @@ class StateManager:
         index: int,
         reason: StepError,
         step_name: str | None,
+        path: tuple[int | str, ...] | None = None,
     ) -> None:
-        """Commit a pause or a cancellation at step ``index`` (context as last committed)."""
+        """Commit a pause or a cancellation at step ``index`` (context as last committed);
+        ``path`` locates a nested step that paused."""
         async with self._lock:
             await self._commit(
                 status=status,
                 current_step_index=index,
                 last_step_output=None,
-                error=_error(reason, step_name),
+                error=_error(reason, step_name, path),
                 context={},
                 records=[],
             )
@@ -330,10 +332,15 @@ def _record(
     return record + b"}"
 
 
-def _error(error: StepError | None, step_name: str | None) -> bytes | None:
+def _error(
+    error: StepError | None, step_name: str | None, path: tuple[int | str, ...] | None = None
+) -> bytes | None:
     if error is None:
         return None
-    return orjson.dumps({"type": error.type, "message": error.message, "step": step_name})
+    data: dict[str, Any] = {"type": error.type, "message": error.message, "step": step_name}
+    if path is not None:
+        data["path"] = list(path)
+    return orjson.dumps(data)
 
 
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None), dict, list, Any})

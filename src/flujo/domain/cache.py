@@ -76,6 +76,9 @@ class CacheStep(_Composite[InT, OutT]):
         """``step``, memoized in ``cache_backend`` (an in-memory LRU by default)."""
         return cls(step, cache_backend, context_fields=context_fields)
 
+    def _locate(self, rest: tuple[int | str, ...]) -> tuple[Step[Any, Any], tuple[int | str, ...]]:
+        return self.wrapped, rest[1:]
+
     def identity(self) -> str:
         """What tells this step apart in a cache shared by several steps: its name and the
         qualified name of its function, agent class or step class."""

@@ -143,6 +143,10 @@ class ConditionalStep(_Composite[InT, OutT]):
         branch = self._branch(label)
         return await frame.run_pipeline(branch, data, (*frame.path, label))
 
+    def _locate(self, rest: tuple[int | str, ...]) -> tuple[Step[Any, Any], tuple[int | str, ...]]:
+        # (branch label, step index, ...)
+        return _nth(self._branch(str(rest[0])), rest[1]), rest[2:]
+
     def _branch(self, label: str) -> Pipeline[Any, Any]:
         for key, branch in self.branches.items():
             if str(key) == label:
@@ -246,6 +250,10 @@ class LoopStep(_Composite[InT, OutT]):
             limit=self.max_loops,
         )
 
+    def _locate(self, rest: tuple[int | str, ...]) -> tuple[Step[Any, Any], tuple[int | str, ...]]:
+        # (iteration, step index, ...)
+        return _nth(self.loop_body_pipeline, rest[1]), rest[2:]
+
     async def _ended(
         self,
         frame: Frame,
@@ -314,6 +322,10 @@ class MapStep(_Composite[InT, OutT]):
             await self._concurrently(frame, items, pending, outputs)
         frame.children.sort(key=lambda r: _path_key(r.location))
         return outputs
+
+    def _locate(self, rest: tuple[int | str, ...]) -> tuple[Step[Any, Any], tuple[int | str, ...]]:
+        # (item, step index, ...)
+        return _nth(self.item_pipeline, rest[1]), rest[2:]
 
     async def _concurrently(
         self, frame: Frame, items: list[Any], pending: list[int], outputs: list[Any]
@@ -436,6 +448,19 @@ class StateMachineStep(_Composite[InT, OutT]):
             step_name=self.name,
             limit=self.max_transitions,
         )
+
+    def _locate(self, rest: tuple[int | str, ...]) -> tuple[Step[Any, Any], tuple[int | str, ...]]:
+        # (turn, state, step index, ...)
+        state = str(rest[1])
+        if state not in self.states:
+            raise LookupError(f"state machine {self.name!r} has no state {state!r}")
+        return _nth(self.states[state], rest[2]), rest[3:]
+
+
+def _nth(pipeline: Pipeline[Any, Any], index: int | str) -> Step[Any, Any]:
+    if not isinstance(index, int) or not 0 <= index < len(pipeline.steps):
+        raise LookupError(f"no step {index!r} in {pipeline!r}")
+    return pipeline.steps[index]
 
 
 def _transition(output: Any) -> tuple[str | None, Any]:

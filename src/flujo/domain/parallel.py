@@ -22,12 +22,13 @@ from pydantic import BaseModel
 from typing_extensions import TypeVar
 
 from flujo.application.core.frame import ChildFailed, call_user
-from flujo.domain.control import StepLike, _callable, _Composite, _pipeline
+from flujo.domain.control import StepLike, _callable, _Composite, _nth, _pipeline
 from flujo.domain.models import StepError, StepResult, _path_key
 from flujo.exceptions import ConfigurationError, MergeConflictError, UnknownBranchError
 
 if TYPE_CHECKING:
     from flujo.application.core.frame import Frame
+    from flujo.domain.step import Step
 
 __all__ = [
     "BranchFailureStrategy",
@@ -117,6 +118,13 @@ class ParallelStep(_Composite[InT, OutT]):
         ):
             raise ConfigurationError(f"step {name!r}: max_concurrency must be an int >= 1")
         self.max_concurrency = max_concurrency
+
+    def _locate(self, rest: tuple[int | str, ...]) -> tuple[Step[Any, Any], tuple[int | str, ...]]:
+        # (branch name, step index, ...)
+        branch = self.branches.get(str(rest[0]))
+        if branch is None:
+            raise LookupError(f"parallel step {self.name!r} has no branch {rest[0]!r}")
+        return _nth(branch, rest[1]), rest[2:]
 
     async def _selected(self, data: Any, frame: Frame) -> list[str]:
         """The branches to run (all of them; the router picks some)."""

@@ -60,6 +60,21 @@ class Pipeline(Generic[InT, OutT]):
             return Pipeline([item])
         raise ConfigurationError(f"expected a Step or a Pipeline, got {item!r}")
 
+    def step_at(self, path: tuple[int | str, ...]) -> Step[Any, Any]:
+        """The step at ``path`` (as in ``StepResult.location``), through composite steps.
+
+        >>> from flujo import Step
+        >>> Pipeline.from_steps([Step.from_callable(str, name="a")]).step_at((0,)).name
+        'a'
+        """
+        first = path[0] if path else None
+        if not isinstance(first, int) or not 0 <= first < len(self.steps):
+            raise LookupError(f"no step at {list(path)} in {self!r}")
+        step, rest = self.steps[first], path[1:]
+        while rest:
+            step, rest = step._locate(rest)
+        return step
+
     @property
     def step_names(self) -> list[str]:
         """The names of the steps, in order."""

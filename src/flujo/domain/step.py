@@ -160,6 +160,8 @@ class Step(Generic[InT, OutT]):
     config: StepConfig
     #: True for steps that run other steps (loops, maps, branches, ...): they run in a Frame.
     composite: ClassVar[bool] = False
+    #: True for steps whose output is given from outside (a human's answer to a pause).
+    answered_from_store: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -332,6 +334,11 @@ class Step(Generic[InT, OutT]):
     async def _run(self, data: Any, frame: Frame) -> Any:
         """Run a composite step in ``frame`` (composite step types override this)."""
         raise NotImplementedError(f"{type(self).__name__} is not a composite step")
+
+    def _locate(self, rest: tuple[int | str, ...]) -> tuple[Step[Any, Any], tuple[int | str, ...]]:
+        """The sub-step at the start of ``rest`` (a path below this step) and what is left of
+        the path; composite step types override this."""
+        raise LookupError(f"step {self.name!r} has no sub-steps (path {list(rest)})")
 
     # -- factories of the step library (same arguments as the classes) --------------------------
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter
 
 from flujo.domain.models import StepResult
+from flujo.exceptions import PausedException
 
 if TYPE_CHECKING:
     from flujo.application.core.executor_core import ExecutorCore
@@ -157,15 +158,26 @@ class Frame:
 
     async def run_step(self, step: Step[Any, Any], data: Any, path: Path, index: int) -> StepResult:
         """Run ``step`` at ``path`` (or take its recorded result) and record it."""
-        recorded = self.recorded(path)
+        # A human's answer is found even in a frame that is not durable (a parallel branch runs
+        # again from its start, and the step that paused must not ask again).
+        recorded = (
+            self.recorded(path)
+            if not step.answered_from_store
+            else self.scope.records.get((path, "step"))
+        )
         if recorded is not None:
             result = replace(recorded.result, output=typed_output(recorded.result.output, step))
             self.children.append(result)
             return result
         frame = self.child(path) if step.composite else None
-        result = await self.scope.executor.execute(
-            step, data, self.context, self.scope.resources, index, frame, path
-        )
+        try:
+            result = await self.scope.executor.execute(
+                step, data, self.context, self.scope.resources, index, frame, path
+            )
+        except PausedException as signal:
+            if signal.path is None:  # the innermost step that paused names itself
+                signal.path, signal.step_name = path, step.name
+            raise
         await self.record(result)
         return result
 
