@@ -26,7 +26,6 @@ from flujo.exceptions import FlujoError, PausedException, PipelineAbortSignal
 if TYPE_CHECKING:
     from flujo.client import TaskClient, TaskDetail, TaskSummary
     from flujo.domain.cache import CacheStep
-    from flujo.domain.human import HumanInTheLoopStep
     from flujo.domain.control import (
         ConditionalStep,
         LoopStep,
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
         StateMachineStep,
         Transition,
     )
+    from flujo.domain.human import HumanInTheLoopStep
     from flujo.domain.parallel import (
         BranchFailureStrategy,
         DynamicParallelRouterStep,

@@ -17,10 +17,11 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypeVar
 
-from flujo.application.core.executor_core import ExecutorCore
+from flujo.application.core.factories import ExecutorFactory
 from flujo.application.core.frame import Frame, Path, Recorded, RunScope, typed_output
 from flujo.application.state_manager import StateManager
 from flujo.domain.events import HookCallable, HookEvent, PostRun, PostStep, PreRun, StepFailure
+from flujo.domain.interfaces import StateProvider
 from flujo.domain.models import (
     AppResources,
     PipelineContext,
@@ -112,6 +113,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
         pipeline_version: str = "latest",
         pipeline_id: str | None = None,
         persist_state: bool = True,
+        state_providers: Mapping[str, StateProvider] | None = None,
+        executor_factory: ExecutorFactory | None = None,
     ) -> None:
         self._pipeline = None if pipeline is None else Pipeline.coerce(pipeline)
         if self._pipeline is None and (registry is None or not pipeline_name):
@@ -151,7 +154,14 @@ class Flujo(Generic[InT, OutT, CtxT]):
 
             state_backend = configured_backend()
         self.state_backend: StateBackend | None = state_backend
-        self._executor = ExecutorCore()
+        if executor_factory is None:
+            executor_factory = ExecutorFactory(state_providers=state_providers)
+        elif state_providers:
+            executor_factory = ExecutorFactory(
+                state_providers={**executor_factory.state_providers, **state_providers}
+            )
+        self.state_providers = dict(executor_factory.state_providers)
+        self._executor = executor_factory.create_executor()
 
     @property
     def pipeline(self) -> Pipeline[InT, OutT] | None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
 __all__ = [
     "AppResources",
+    "ContextReference",
     "PipelineContext",
     "PipelineResult",
     "RunStatus",
@@ -48,6 +49,60 @@ class PipelineContext(BaseModel):
 
     scratchpad: dict[str, Any] = Field(default_factory=dict)
     """Free-form JSON-serializable data for steps that need no declared field."""
+
+
+RefT = TypeVar("RefT")
+_UNSET: Any = object()
+
+
+class ContextReference(BaseModel, Generic[RefT]):
+    """A context field that points at data kept elsewhere, in a state provider.
+
+    Only the pointer (``provider_id``, ``key``) is checkpointed, never the data::
+
+        class DocContext(PipelineContext):
+            # stored as {"provider_id": "s3", "key": "bucket/file.pdf"}
+            raw_document: ContextReference[bytes] = ContextReference(
+                provider_id="s3", key="bucket/file.pdf"
+            )
+
+        runner = Flujo(pipeline, context_model=DocContext, state_providers={"s3": S3Provider()})
+
+    Before each step the runner hydrates every reference from its provider
+    (``await provider.load(key)``); the step reads it with :meth:`get` and replaces it with
+    :meth:`set`; after the step succeeds the runner saves it back (``await provider.save(key,
+    value)``). A reference whose provider is missing is left unhydrated (a warning is logged)
+    and :meth:`get` raises :class:`~flujo.exceptions.ContextReferenceError`.
+    """
+
+    provider_id: str
+    """Which of the runner's ``state_providers`` holds the data."""
+    key: str
+    """Where the data is, for that provider."""
+    _value: Any = PrivateAttr(default=_UNSET)
+
+    @property
+    def hydrated(self) -> bool:
+        """Whether the data has been loaded (or set) in this process."""
+        return self._value is not _UNSET
+
+    def get(self) -> RefT:
+        """The data; raises ContextReferenceError if it was never hydrated."""
+        if self._value is _UNSET:
+            from flujo.exceptions import ContextReferenceError  # noqa: PLC0415
+
+            raise ContextReferenceError(
+                f"context reference {self.provider_id}:{self.key} was not hydrated: the runner "
+                f"has no state provider {self.provider_id!r} (pass state_providers=...)",
+                provider_id=self.provider_id,
+                key=self.key,
+            )
+        value: RefT = self._value
+        return value
+
+    def set(self, value: RefT) -> None:
+        """Replace the data (saved to the provider after the step succeeds)."""
+        self._value = value
 
 
 class AppResources(BaseModel):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from flujo.application.core.frame import ChildFailed
-from flujo.domain.models import StepError, StepResult
+from flujo.domain.models import ContextReference, StepError, StepResult
 from flujo.exceptions import StepTimeoutError
 
 if TYPE_CHECKING:
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
     from flujo.domain.step import Step
 
 __all__ = ["ExecutorCore"]
+
+logger = logging.getLogger("flujo.state_providers")
 
 
 class ExecutorCore:
@@ -30,7 +34,11 @@ class ExecutorCore:
     that retries continues from the sub-steps it already recorded.
     """
 
-    __slots__ = ()
+    __slots__ = ("_missing", "state_providers")
+
+    def __init__(self, *, state_providers: Mapping[str, Any] | None = None) -> None:
+        self.state_providers: dict[str, Any] = dict(state_providers or {})
+        self._missing: set[str] = set()  # providers already warned about
 
     async def execute(
         self,
@@ -43,6 +51,20 @@ class ExecutorCore:
         path: Path | None = None,
     ) -> StepResult:
         """Run ``step`` on ``data`` and describe the outcome."""
+        if self.state_providers and frame is None:
+            return await self._with_references(step, data, context, resources, index, path)
+        return await self._execute(step, data, context, resources, index, frame, path)
+
+    async def _execute(
+        self,
+        step: Step[Any, Any],
+        data: Any,
+        context: Any,
+        resources: Any,
+        index: int,
+        frame: Frame | None,
+        path: Path | None,
+    ) -> StepResult:
         config = step.config
         start = perf_counter()
         if config.retries == 0:
@@ -106,6 +128,43 @@ class ExecutorCore:
         except Exception as exc:
             return _failure(step, exc, attempts, start, index, frame, path)
         return _success(step, output, attempts, start, index, frame, path)
+
+    async def _with_references(
+        self,
+        step: Step[Any, Any],
+        data: Any,
+        context: Any,
+        resources: Any,
+        index: int,
+        path: Path | None,
+    ) -> StepResult:
+        """Hydrate the context's references, run the step, save the references if it worked."""
+        references = _references(context)
+        for name, reference in references:
+            provider = self.state_providers.get(reference.provider_id)
+            if provider is None:
+                if reference.provider_id not in self._missing:
+                    self._missing.add(reference.provider_id)
+                    logger.warning(
+                        "no state provider %r for context field %r; it stays unhydrated",
+                        reference.provider_id,
+                        name,
+                    )
+                continue
+            reference.set(await provider.load(reference.key))
+        result = await self._execute(step, data, context, resources, index, None, path)
+        if result.success:
+            for _, reference in references:
+                provider = self.state_providers.get(reference.provider_id)
+                if provider is not None and reference.hydrated:
+                    await provider.save(reference.key, reference.get())
+        return result
+
+
+def _references(context: Any) -> list[tuple[str, ContextReference[Any]]]:
+    """The context's fields that hold a ContextReference."""
+    values = getattr(context, "__dict__", None) or {}
+    return [(name, value) for name, value in values.items() if isinstance(value, ContextReference)]
 
 
 def _success(
