@@ -1,7 +1,7 @@
 """ExecutorFactory: how a runner gets its executor (and the state providers it hydrates from)::
 
-    factory = ExecutorFactory(state_providers={"kg": KnowledgeGraphProvider()})
-    runner = Flujo(pipeline, context_model=ResearchContext, executor_factory=factory)
+factory = ExecutorFactory(state_providers={"kg": KnowledgeGraphProvider()})
+runner = Flujo(pipeline, context_model=ResearchContext, executor_factory=factory)
 """
 
 from __future__ import annotations
