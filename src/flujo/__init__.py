@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         StateMachineStep,
         Transition,
     )
+    from flujo.domain.granular import AgentTurn, GranularStep, ToolCall
     from flujo.domain.human import HumanInTheLoopStep
     from flujo.domain.parallel import (
         BranchFailureStrategy,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentTurn",
     "AppResources",
     "BranchFailureStrategy",
     "CacheBackend",
@@ -53,6 +55,7 @@ __all__ = [
     "DynamicParallelRouterStep",
     "Flujo",
     "FlujoError",
+    "GranularStep",
     "HookEvent",
     "HumanInTheLoopStep",
     "InMemoryCache",
@@ -80,6 +83,7 @@ __all__ = [
     "TaskClient",
     "TaskDetail",
     "TaskSummary",
+    "ToolCall",
     "Transition",
     "__version__",
     "step",
@@ -93,6 +97,9 @@ _LAZY = {
     "TaskSummary": "flujo.client",
     "CacheStep": "flujo.domain.cache",
     "HumanInTheLoopStep": "flujo.domain.human",
+    "GranularStep": "flujo.domain.granular",
+    "AgentTurn": "flujo.domain.granular",
+    "ToolCall": "flujo.domain.granular",
     "ConditionalStep": "flujo.domain.control",
     "LoopStep": "flujo.domain.control",
     "MapStep": "flujo.domain.control",

@@ -224,7 +224,7 @@ def build_history(records: Iterable[Mapping[str, Any]]) -> list[StepResult]:
     results = [
         StepResult.from_dict(record)
         for record in records
-        if record.get("kind", "step") in ("step", "branch")  # not the bookkeeping records
+        if record.get("kind", "step") in ("step", "branch", "turn")  # not bookkeeping records
     ]
     latest: dict[tuple[int | str, ...], StepResult] = {}
     for result in results:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from flujo.application.core.frame import Frame
     from flujo.domain.cache import CacheStep
     from flujo.domain.control import ConditionalStep, LoopStep, MapStep, StateMachineStep
+    from flujo.domain.granular import GranularStep
     from flujo.domain.parallel import DynamicParallelRouterStep, ParallelStep
     from flujo.domain.pipeline import Pipeline
 
@@ -401,6 +402,22 @@ class Step(Generic[InT, OutT]):
         from flujo.domain.control import StateMachineStep  # noqa: PLC0415
 
         return StateMachineStep(name, states, start_state, end_states, **options)
+
+    @staticmethod
+    def granular(
+        name: str,
+        agent: Any,
+        *,
+        max_turns: int = 10,
+        enforce_idempotency: bool = False,
+        **options: Any,
+    ) -> GranularStep[Any, Any]:
+        """A :class:`~flujo.GranularStep`: an agent loop checkpointed after every turn."""
+        from flujo.domain.granular import GranularStep  # noqa: PLC0415
+
+        return GranularStep(
+            name, agent, max_turns=max_turns, enforce_idempotency=enforce_idempotency, **options
+        )
 
     @staticmethod
     def cached(

@@ -43,7 +43,7 @@ __all__ = [
 Path = tuple[int | str, ...]
 
 #: Record kinds that appear in the step history (the others are bookkeeping).
-_SHOWN = frozenset({"step", "branch"})
+_SHOWN = frozenset({"step", "branch", "turn"})
 
 
 @dataclass(slots=True)
