@@ -60,6 +60,7 @@ from flujo.exceptions import (
     ConfigurationError,
     ContextValidationError,
     CorruptStateError,
+    HumanInputError,
     InvalidMetadataError,
     InvalidRunIdError,
     PipelineMismatchError,
@@ -113,6 +114,7 @@ EXIT_INTERRUPTED = 130
 _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidRunIdError, EXIT_USAGE),
     (InvalidMetadataError, EXIT_USAGE),
+    (HumanInputError, EXIT_USAGE),
     (RunNotFoundError, EXIT_NOT_FOUND),
     (PipelineNotFoundError, EXIT_NOT_FOUND),
     (StateConflictError, EXIT_CONFLICT),
@@ -941,9 +943,18 @@ def resume_command(
             help="A PipelineRegistry, Pipeline, Step or Flujo runner (default: the app setting).",
         ),
     ] = None,
+    answer_json: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            metavar="JSON",
+            help="The answer to a paused run's question (JSON), validated by the paused step.",
+        ),
+    ] = None,
 ) -> None:
-    """Continue a failed or interrupted run from its last checkpoint."""
+    """Continue a failed or interrupted run, or answer a paused one (--input)."""
     validate_run_id(run_id)
+    answer = _UNANSWERED if answer_json is None else _json_input(answer_json)
     spec = app_spec or _settings().app
     if not spec:
         raise CliError(
@@ -954,7 +965,7 @@ def resume_command(
     obj = _load_object(spec, what="app")
     console = _console()
     if isinstance(obj, PipelineRegistry):
-        result = _resume_with_registry(obj, run_id, console)
+        result = _resume_with_registry(obj, run_id, console, answer)
     else:
         if isinstance(obj, Flujo):
             runner: Flujo[Any, Any, Any] = obj
@@ -968,15 +979,30 @@ def resume_command(
             runner = Flujo(obj, pipeline_name=spec, state_backend=_backend())
         else:
             raise _wrong_type(spec, obj, "a PipelineRegistry, a Pipeline, a Step or a Flujo runner")
-        result = _resume_with_runner(runner, run_id, console)
+        result = _resume_with_runner(runner, run_id, console, answer)
     _finish(result, console, app_spec=spec)
 
 
-def _announce(state: Mapping[str, Any], console: Console) -> bool:
+_UNANSWERED: Any = object()
+
+
+def _announce(state: Mapping[str, Any], console: Console, *, answered: bool = False) -> bool:
     """Say where the stored run stands; False when there is nothing to resume."""
     status = state["status"]
     done, total = state["current_step_index"], len(state.get("step_names") or [])
-    if status in ("completed", "cancelled", "paused"):
+    if status == "paused":
+        question = (state.get("error") or {}).get("message", "")
+        if not answered:
+            console.print(
+                Text(
+                    f"Run {state['run_id']} is paused, waiting for: {question}\n"
+                    "Answer it with --input JSON."
+                )
+            )
+            return False
+        console.print(Text(f"Answering run {state['run_id']}, paused on: {question}"))
+        return True
+    if status in ("completed", "cancelled"):
         console.print(Text(f"Run {state['run_id']} is {status}; nothing to resume."))
         return False
     console.print(
@@ -989,7 +1015,7 @@ def _announce(state: Mapping[str, Any], console: Console) -> bool:
 
 
 def _resume_with_runner(
-    runner: Flujo[Any, Any, Any], run_id: str, console: Console
+    runner: Flujo[Any, Any, Any], run_id: str, console: Console, answer: Any = _UNANSWERED
 ) -> PipelineResult[Any, Any]:
     backend = runner.state_backend
     assert backend is not None
@@ -999,7 +1025,15 @@ def _resume_with_runner(
             state = None if _sqlite_missing(backend) else await backend.load_state(run_id)
             if state is None:
                 raise RunNotFoundError(f"no run {run_id!r} in the store", run_id=run_id)
-            _announce(state, console)
+            answered = answer is not _UNANSWERED
+            _announce(state, console, answered=answered)
+            if state["status"] == "paused" and answered:
+                seen = len(state.get("step_history") or [])
+                result = await runner.resume_async(run_id, answer)
+                total = len(state.get("step_names") or []) or None
+                for record in result.step_history[seen:]:
+                    console.print(_step_line(record, total))
+                return result
             stream = runner.run_stream(None, run_id=run_id)
             total = len(state.get("step_names") or []) or _total_steps(runner)
             return await _drive(stream, console, total=total, start=state["current_step_index"])
@@ -1010,7 +1044,7 @@ def _resume_with_runner(
 
 
 def _resume_with_registry(
-    registry: PipelineRegistry, run_id: str, console: Console
+    registry: PipelineRegistry, run_id: str, console: Console, answer: Any = _UNANSWERED
 ) -> PipelineResult[Any, Any]:
     backend = _backend()
 
@@ -1020,12 +1054,23 @@ def _resume_with_registry(
             if state is None:
                 raise RunNotFoundError(f"no run {run_id!r} in {_store_name()}", run_id=run_id)
             seen = len(state.get("step_history") or [])
-            will_run = _announce(state, console)
+            answered = answer is not _UNANSWERED
+            will_run = _announce(state, console, answered=answered)
+            if state["status"] == "paused" and not answered:  # show it; answer nothing
+                name, version = state["pipeline_name"], state["pipeline_version"]
+                runner: Flujo[Any, Any, Any] = Flujo(
+                    registry=registry,
+                    pipeline_name=name,
+                    pipeline_version=version,
+                    context_model=registry.get_context_model(name, version),
+                    state_backend=backend,
+                )
+                return await runner.run_async(None, run_id=run_id)
             status: AbstractContextManager[Any] = (
                 console.status("resuming...") if will_run and console.is_terminal else nullcontext()
             )
             with status:
-                result = await client.resume_task(run_id)
+                result = await client.resume_task(run_id, None if not answered else answer)
             total = len(state.get("step_names") or []) or None
             for record in result.step_history[seen:]:
                 console.print(_step_line(record, total))
