@@ -1027,7 +1027,7 @@ def _resume_with_runner(
                 raise RunNotFoundError(f"no run {run_id!r} in the store", run_id=run_id)
             answered = answer is not _UNANSWERED
             _announce(state, console, answered=answered)
-            if state["status"] == "paused" and answered:
+            if answered:  # resume_async refuses (conflict) a run that is not paused
                 seen = len(state.get("step_history") or [])
                 result = await runner.resume_async(run_id, answer)
                 total = len(state.get("step_names") or []) or None

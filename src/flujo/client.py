@@ -7,17 +7,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from flujo.domain.models import StepResult, build_history
-from flujo.exceptions import ConfigurationError, PipelineMismatchError, RunNotFoundError
+from flujo.exceptions import (
+    ConfigurationError,
+    PipelineMismatchError,
+    RunNotFoundError,
+    StateConflictError,
+)
 from flujo.state.backends.base import MetadataValue, StateBackend, validate_run_id
 
 if TYPE_CHECKING:
+    from flujo.domain.interfaces import StateProvider
     from flujo.domain.models import PipelineResult
     from flujo.domain.pipeline import PipelineRegistry
 
@@ -41,6 +47,14 @@ class TaskSummary(BaseModel):
     error: dict[str, Any] | None = None
     """Why the run failed, paused or was cancelled: ``{"type", "message", "step"}`` (and
     ``"path"`` for a pause)."""
+
+    @property
+    def pause_path(self) -> list[int | str] | None:
+        """Where a paused run paused (pass it as ``paused_at=`` when answering), else None."""
+        if self.status != "paused" or not self.error:
+            return None
+        path = self.error.get("path")
+        return list(path) if isinstance(path, list) else None
 
     @property
     def question(self) -> str | None:
@@ -78,6 +92,8 @@ class TaskClient:
         self,
         backend_or_uri: StateBackend | str | None = None,
         registry: PipelineRegistry | None = None,
+        *,
+        state_providers: Mapping[str, StateProvider] | None = None,
     ) -> None:
         if backend_or_uri is None:
             from flujo.config import configured_backend  # noqa: PLC0415
@@ -93,6 +109,7 @@ class TaskClient:
             )
         self.backend = backend_or_uri
         self.registry = registry
+        self.state_providers = dict(state_providers or {})
 
     async def list_tasks(
         self,
@@ -140,14 +157,21 @@ class TaskClient:
             initial_input=state.get("initial_input"),
         )
 
-    async def resume_task(self, run_id: str, input: Any = None) -> PipelineResult[Any, Any]:
+    async def resume_task(
+        self,
+        run_id: str,
+        input: Any = None,
+        *,
+        paused_at: Sequence[int | str] | None = None,
+    ) -> PipelineResult[Any, Any]:
         """Continue a run on the pipeline version it started with (found in the registry).
 
         A paused run gets ``input`` as the answer to its pause (see
         :meth:`Flujo.resume_async`: validated, committed, then the run goes on; answering a
-        pause twice raises :class:`~flujo.exceptions.StateConflictError`). A failed or
-        interrupted run continues after its last checkpoint (``input`` is ignored). A
-        completed (or cancelled) run returns its stored result and runs nothing. Raises
+        pause twice raises :class:`~flujo.exceptions.StateConflictError`, and so does an
+        ``input`` for a run that is not paused). Without ``input``, a failed or interrupted
+        run continues after its last checkpoint, and a completed (or cancelled) run returns
+        its stored result and runs nothing. Raises
         :class:`~flujo.exceptions.RunNotFoundError` for an unknown id and
         :class:`~flujo.exceptions.PipelineMismatchError` when that version is not in the
         registry or its steps changed.
@@ -173,9 +197,18 @@ class TaskClient:
             pipeline_version=version,
             context_model=self.registry.get_context_model(name, version),
             state_backend=self.backend,
+            state_providers=self.state_providers,
         )
         if state["status"] == "paused":
-            return await runner.resume_async(run_id, input)
+            return await runner.resume_async(run_id, input, paused_at=paused_at)
+        if input is not None or paused_at is not None:
+            raise StateConflictError(
+                f"run {run_id!r} is {state['status']}, not paused: there is no pause to answer "
+                "(was it answered already?)",
+                run_id=run_id,
+                expected_version=int(state["version"]),
+                actual_version=int(state["version"]),
+            )
         return await runner.run_async(input, run_id=run_id)
 
     async def delete_task(self, run_id: str) -> bool:

@@ -34,6 +34,7 @@ from flujo.exceptions import (
     InvalidRunIdError,
     PipelineMismatchError,
     RunNotFoundError,
+    StateConflictError,
 )
 from flujo.state import FileBackend, InMemoryBackend, SQLiteBackend
 from flujo.state.backends.base import StateBackend
@@ -553,8 +554,11 @@ async def test_resume_task_of_a_completed_run_returns_the_stored_result(
     first = await orders_runner(backend, registry).run_async("A-6", run_id="done")
     assert first.status == "completed"
     calls = list(world.calls)
-    again = await client.resume_task("done", input="ignored")
+    again = await client.resume_task("done")
     assert world.calls == calls  # nothing ran
+    with pytest.raises(StateConflictError):  # an answer for a run that is not paused
+        await client.resume_task("done", input="an answer")
+    assert world.calls == calls
     assert again.status == "completed"
     assert again.output == first.output == "A-6: 25.00 EUR"
     assert isinstance(again.final_pipeline_context, OrderContext)

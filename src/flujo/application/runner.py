@@ -17,6 +17,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypeVar
 
+from flujo.application.core.executor_core import references
 from flujo.application.core.factories import ExecutorFactory
 from flujo.application.core.frame import Frame, Path, Recorded, RunScope, typed_output
 from flujo.application.state_manager import StateManager
@@ -24,6 +25,7 @@ from flujo.domain.events import HookCallable, HookEvent, PostRun, PostStep, PreR
 from flujo.domain.interfaces import StateProvider
 from flujo.domain.models import (
     AppResources,
+    ContextReference,
     PipelineContext,
     PipelineResult,
     StepError,
@@ -156,12 +158,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
         self.state_backend: StateBackend | None = state_backend
         if executor_factory is None:
             executor_factory = ExecutorFactory(state_providers=state_providers)
-        elif state_providers:
-            executor_factory = ExecutorFactory(
-                state_providers={**executor_factory.state_providers, **state_providers}
-            )
-        self.state_providers = dict(executor_factory.state_providers)
         self._executor = executor_factory.create_executor()
+        if state_providers:  # given to both: the runner's add to (and win over) the factory's
+            checked = ExecutorFactory(state_providers=state_providers).state_providers
+            self._executor.state_providers.update(checked)
+        self.state_providers = dict(self._executor.state_providers)
 
     @property
     def pipeline(self) -> Pipeline[InT, OutT] | None:
@@ -259,7 +260,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
             yield item
 
     async def resume_async(
-        self, paused: PipelineResult[Any, Any] | str, human_input: Any
+        self,
+        paused: PipelineResult[Any, Any] | str,
+        human_input: Any,
+        *,
+        paused_at: Sequence[int | str] | None = None,
     ) -> PipelineResult[OutT, CtxT]:
         """Answer a paused run (its result, or its run id) and continue it to the end.
 
@@ -268,9 +273,13 @@ class Flujo(Generic[InT, OutT, CtxT]):
         :class:`~flujo.exceptions.HumanInputError` and the run stays paused) and is committed
         before anything else runs. Answering a pause that was already answered (here, or in
         another process at the same time) raises :class:`~flujo.exceptions.StateConflictError`
-        and runs nothing.
+        and runs nothing. ``paused_at`` (the ``path`` of the pause that was shown to the person,
+        e.g. ``TaskSummary.pause_path``) makes the answer apply to that pause only: if the run
+        has since moved on to another pause, StateConflictError is raised.
         """
         run_id = paused if isinstance(paused, str) else paused.run_id
+        if paused_at is None and not isinstance(paused, str):
+            paused_at = paused.pause_path  # the pause this result showed, and no other
         validate_run_id(run_id)
         backend = self.state_backend
         if backend is None:
@@ -295,6 +304,14 @@ class Flujo(Generic[InT, OutT, CtxT]):
         pipeline = self._pipeline_for_stored(state)
         raw = (state.error or {}).get("path")
         path = tuple(raw) if isinstance(raw, list) and raw else (state.current_step_index,)
+        if paused_at is not None and tuple(paused_at) != path:
+            raise StateConflictError(
+                f"run {run_id!r} is paused at {list(path)}, not at {list(paused_at)}: the pause "
+                "that was answered is no longer the one waiting",
+                run_id=run_id,
+                expected_version=state.version,
+                actual_version=state.version,
+            )
         try:
             step = pipeline.step_at(path)
         except LookupError as exc:
@@ -304,10 +321,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
             ) from exc
         validate = getattr(step, "validate_answer", None)
         answer = validate(human_input, run_id=run_id) if validate else human_input
+        context = self._restore_context(state)
         manager = StateManager(
             backend,
             run_id,
-            self._restore_context(state),
+            context,
             version=state.version,
             history_len=len(state.step_history),
             header=None,
@@ -315,13 +333,23 @@ class Flujo(Generic[InT, OutT, CtxT]):
             status="paused",
         )
         last = path[-1] if isinstance(path[-1], int) else 0
-        if len(path) == 1:  # a top-level step: its answer completes it
-            answered = StepResult(step.name, answer, True, 1, 0.0, None, last)
-            await manager.step_completed(answered, completed=last == len(pipeline.steps) - 1)
-        else:  # a sub-step: its composite step finds the answer when it runs again
+        if len(path) > 1:  # a sub-step: its composite step finds the answer when it runs again
             answered = StepResult(step.name, answer, True, 1, 0.0, None, last, path)
-            await manager.step_recorded(answered, top_index=int(path[0]))
-        return await self.run_async(cast(InT, None), run_id=run_id)  # input unused on resume
+            await manager.step_recorded(answered, top_index=int(path[0]), extras={"answer": True})
+            return await self.run_async(cast(InT, None), run_id=run_id)  # input unused
+        # A top-level step: the answer completes it, as its result would have.
+        answered = StepResult(step.name, answer, True, 1, 0.0, None, last)
+        finishing = last == len(pipeline.steps) - 1
+        await manager.step_completed(answered, completed=finishing)
+        if self.hooks:
+            await self._emit_quietly(PostStep(run_id, answered, context))
+        result = await self.run_async(cast(InT, None), run_id=run_id)  # input unused on resume
+        if finishing:  # nothing was left to run: finish as a run that completes does
+            if self.delete_on_completion:
+                await backend.delete_state(run_id)
+            if self.hooks:
+                await self._emit_quietly(PostRun(run_id, result))
+        return result
 
     async def aclose(self) -> None:
         """Release the state backend (including one passed in) and anything it holds."""
@@ -370,6 +398,9 @@ class Flujo(Generic[InT, OutT, CtxT]):
     ) -> _Run[CtxT]:
         pipeline, version = self._pipeline_for_new_run()
         data = {**self.initial_context_data, **(context_data or {}), "run_id": run_id}
+        for key, value in data.items():  # each run gets its own references, never shared
+            if isinstance(value, ContextReference):
+                data[key] = type(value)(provider_id=value.provider_id, key=value.key)
         try:
             context = self.context_model.model_validate(data)
         except ValidationError as exc:
@@ -509,9 +540,13 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 output = typed_output(output, pipeline.steps[-1])
         error = None
         failed_step = None
+        pause_path = None
         if state.error:
             error = StepError.from_dict(state.error)
             failed_step = state.error.get("step")
+            raw = state.error.get("path")
+            if state.status == "paused" and isinstance(raw, list) and raw:
+                pause_path = tuple(raw)
         return PipelineResult(
             run_id=state.run_id,
             status=state.status,
@@ -520,6 +555,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
             final_pipeline_context=self._restore_context(state),
             error=error,
             failed_step=failed_step if isinstance(failed_step, str) else None,
+            pause_path=pause_path,
         )
 
     # -- driving ---------------------------------------------------------------------------------
@@ -549,6 +585,9 @@ class Flujo(Generic[InT, OutT, CtxT]):
         hooks = self.hooks
         manager = run.manager
         context = run.context
+        if not self.state_providers:
+            for name, reference in references(context):  # nothing will hydrate them: say so
+                self._executor.warn_missing(reference.provider_id, name)
         history = run.history
         steps = run.pipeline.steps
         last = len(steps) - 1
@@ -661,7 +700,9 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 status, index=index, reason=reason, step_name=step_name, path=path
             )
             run.manager.rollback_context()
-        return PipelineResult(run.run_id, status, None, run.history, run.context, reason, step_name)
+        return PipelineResult(
+            run.run_id, status, None, run.history, run.context, reason, step_name, path
+        )
 
     async def _emit(self, event: HookEvent) -> None:
         """Call every hook; a PipelineAbortSignal propagates, other errors are logged."""

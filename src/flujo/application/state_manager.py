@@ -128,15 +128,27 @@ class StateManager:
                 key: self.serializer.dumps(value, f"{key} of {where}")
                 for key, value in (extras or {}).items()
             }
-            await self._commit(
-                status="running",
-                current_step_index=top_index,
-                last_step_output=None,
-                error=None,
-                context=context,
-                records=[_record(result, output, kind=kind, extras=extra)],
-            )
-            self._remember(pending)
+
+            async def commit() -> None:
+                await self._commit(
+                    status="running",
+                    current_step_index=top_index,
+                    last_step_output=None,
+                    error=None,
+                    context=context,
+                    records=[_record(result, output, kind=kind, extras=extra)],
+                )
+                self._remember(pending)
+
+            # Sub-steps run side by side (map items, parallel branches), and the first one to
+            # fail or pause cancels the others. A cancelled checkpoint must still finish its
+            # write and its bookkeeping, or this run's version would fall behind the store's.
+            task = asyncio.ensure_future(commit())
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await task
+                raise
 
     async def step_failed(self, result: StepResult) -> None:
         """Commit a failed step's record and the run's ``failed`` status; context unchanged."""

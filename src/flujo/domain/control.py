@@ -58,6 +58,7 @@ class _Composite(Step[InT, OutT]):
     """A step that runs other steps (a loop, a map, a branch ...) durably."""
 
     composite: ClassVar[bool] = True
+    runs_sub_steps: ClassVar[bool] = True
 
     def __init__(
         self,

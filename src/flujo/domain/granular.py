@@ -24,7 +24,7 @@ import asyncio
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from typing_extensions import TypeVar
 
@@ -82,6 +82,8 @@ class GranularStep(_Composite[InT, OutT]):
     "tool_calls": [...]}`` and ``{"role": "tool", "name": ..., "content": result,
     "idempotency_key": ...}`` (``"error"`` instead of ``"content"`` for a failed call).
     """
+
+    runs_sub_steps: ClassVar[bool] = False  # its turns are not steps: hydrated as a whole
 
     def __init__(
         self,

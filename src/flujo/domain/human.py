@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypeVar
@@ -34,8 +34,6 @@ class HumanInTheLoopStep(Step[Any, OutT]):
     step's output, and the run goes on with it. ``message_for_user`` may also be a callable
     ``(data, context) -> str`` (sync or async) that words the question from the step's input.
     """
-
-    answered_from_store: ClassVar[bool] = True
 
     def __init__(
         self,

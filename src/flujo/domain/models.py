@@ -52,7 +52,24 @@ class PipelineContext(BaseModel):
 
 
 RefT = TypeVar("RefT")
-_UNSET: Any = object()
+
+
+class _Unset:
+    """No value yet; survives copying (pydantic deep-copies private attribute defaults)."""
+
+    __slots__ = ()
+
+    def __copy__(self) -> _Unset:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> _Unset:
+        return self
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
 
 
 class ContextReference(BaseModel, Generic[RefT]):
@@ -290,6 +307,8 @@ class PipelineResult(Generic[OutT, CtxT]):
     """Why the run failed, paused or was cancelled."""
     failed_step: str | None = None
     """The name of the step that failed, paused or aborted the run."""
+    pause_path: tuple[int | str, ...] | None = None
+    """Where a paused run paused (the paused step's location); resume_async checks it."""
 
     @property
     def success(self) -> bool:

@@ -161,8 +161,9 @@ class Step(Generic[InT, OutT]):
     config: StepConfig
     #: True for steps that run other steps (loops, maps, branches, ...): they run in a Frame.
     composite: ClassVar[bool] = False
-    #: True for steps whose output is given from outside (a human's answer to a pause).
-    answered_from_store: ClassVar[bool] = False
+    #: True for composite steps whose sub-steps go through the executor (they hydrate state
+    #: references themselves); a granular step's turns do not, so it is hydrated as a whole.
+    runs_sub_steps: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from flujo.application.core.frame import ChildFailed
 from flujo.domain.models import ContextReference, StepError, StepResult
-from flujo.exceptions import StepTimeoutError
+from flujo.exceptions import StateBackendError, StateConflictError, StepTimeoutError
 
 if TYPE_CHECKING:
     from flujo.application.core.frame import Frame, Path
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 __all__ = ["ExecutorCore"]
 
 logger = logging.getLogger("flujo.state_providers")
+
+#: Problems of the store itself (another writer won, the database failed) are not a step's
+#: failure: they stop the run and are raised, as at the top level, never retried.
+_STORE_ERRORS = (StateConflictError, StateBackendError)
 
 
 class ExecutorCore:
@@ -51,8 +55,8 @@ class ExecutorCore:
         path: Path | None = None,
     ) -> StepResult:
         """Run ``step`` on ``data`` and describe the outcome."""
-        if self.state_providers and frame is None:
-            return await self._with_references(step, data, context, resources, index, path)
+        if self.state_providers and not step.runs_sub_steps:
+            return await self._with_references(step, data, context, resources, index, frame, path)
         return await self._execute(step, data, context, resources, index, frame, path)
 
     async def _execute(
@@ -75,6 +79,8 @@ class ExecutorCore:
                     output = await step._invoke(data, context, resources)
                 else:
                     output = await step._run(data, frame)
+            except _STORE_ERRORS:
+                raise
             except Exception as exc:
                 return _failure(step, exc, 1, start, index, frame, path)
             if frame is None:
@@ -98,6 +104,7 @@ class ExecutorCore:
         from tenacity import (  # noqa: PLC0415 - loaded only by steps that retry
             AsyncRetrying,
             retry_if_exception_type,
+            retry_if_not_exception_type,
             stop_after_attempt,
             wait_exponential,
         )
@@ -110,7 +117,7 @@ class ExecutorCore:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(config.retries + 1),
             wait=wait_exponential(multiplier=config.backoff_s, max=config.backoff_max_s),
-            retry=retry_if_exception_type(Exception),
+            retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(_STORE_ERRORS),
             reraise=True,
         )
         try:
@@ -125,6 +132,8 @@ class ExecutorCore:
                         output = await step._invoke(data, context, resources)
                     else:
                         output = await step._run(data, frame)
+        except _STORE_ERRORS:
+            raise
         except Exception as exc:
             return _failure(step, exc, attempts, start, index, frame, path)
         return _success(step, output, attempts, start, index, frame, path)
@@ -136,29 +145,50 @@ class ExecutorCore:
         context: Any,
         resources: Any,
         index: int,
+        frame: Frame | None,
         path: Path | None,
     ) -> StepResult:
-        """Hydrate the context's references, run the step, save the references if it worked."""
-        references = _references(context)
-        for name, reference in references:
-            provider = self.state_providers.get(reference.provider_id)
-            if provider is None:
-                if reference.provider_id not in self._missing:
-                    self._missing.add(reference.provider_id)
-                    logger.warning(
-                        "no state provider %r for context field %r; it stays unhydrated",
-                        reference.provider_id,
-                        name,
-                    )
-                continue
-            reference.set(await provider.load(reference.key))
-        result = await self._execute(step, data, context, resources, index, None, path)
-        if result.success:
-            for _, reference in references:
+        """Hydrate the context's references, run the step, save them back if it worked.
+
+        A provider that fails to load or save fails the step (typed, recorded; the run can be
+        resumed once the provider is back)."""
+        start = perf_counter()
+        try:
+            for name, reference in _references(context):
                 provider = self.state_providers.get(reference.provider_id)
-                if provider is not None and reference.hydrated:
-                    await provider.save(reference.key, reference.get())
+                if provider is None:
+                    self.warn_missing(reference.provider_id, name)
+                    continue
+                reference.set(await provider.load(reference.key))
+        except Exception as exc:
+            return _failure(step, exc, 1, start, index, frame, path)
+        result = await self._execute(step, data, context, resources, index, frame, path)
+        if result.success:
+            try:
+                # Gathered again: a retry may have replaced the context's reference objects.
+                for _, reference in _references(context):
+                    provider = self.state_providers.get(reference.provider_id)
+                    if provider is not None and reference.hydrated:
+                        await provider.save(reference.key, reference.get())
+            except Exception as exc:
+                return _failure(step, exc, result.attempts, start, index, frame, path)
         return result
+
+    def warn_missing(self, provider_id: str, field: str) -> None:
+        """Log, once per provider id, that a reference has no provider to hydrate it."""
+        if provider_id not in self._missing:
+            self._missing.add(provider_id)
+            logger.warning(
+                "no state provider %r for context field %r; it stays unhydrated, and its get() "
+                "raises ContextReferenceError",
+                provider_id,
+                field,
+            )
+
+
+def references(context: Any) -> list[tuple[str, ContextReference[Any]]]:
+    """The context's fields that hold a ContextReference."""
+    return _references(context)
 
 
 def _references(context: Any) -> list[tuple[str, ContextReference[Any]]]:

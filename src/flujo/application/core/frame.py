@@ -143,28 +143,28 @@ class Frame:
             self.children.append(result)
         scope = self.scope
         if self.durable:
-            if result.success:
-                scope.records[(result.location, kind)] = Recorded(result, extras or {})
             if scope.manager is not None:
                 await scope.manager.step_recorded(
                     result, top_index=scope.top_index, kind=kind, extras=extras
                 )
-                if not result.success:
-                    # The failed sub-step's context changes were not committed: drop them, so a
-                    # retry (or the rest of the run) sees the context as recorded.
-                    scope.manager.rollback_context()
+            if result.success:  # remembered once stored (a refused write is not done)
+                scope.records[(result.location, kind)] = Recorded(result, extras or {})
+            if scope.manager is not None and not result.success:
+                # The failed sub-step's context changes were not committed: drop them, so a
+                # retry (or the rest of the run) sees the context as recorded.
+                scope.manager.rollback_context()
         if shown and scope.events is not None:
             scope.events.put_nowait(result)
 
     async def run_step(self, step: Step[Any, Any], data: Any, path: Path, index: int) -> StepResult:
         """Run ``step`` at ``path`` (or take its recorded result) and record it."""
-        # A human's answer is found even in a frame that is not durable (a parallel branch runs
-        # again from its start, and the step that paused must not ask again).
-        recorded = (
-            self.recorded(path)
-            if not step.answered_from_store
-            else self.scope.records.get((path, "step"))
-        )
+        recorded = self.recorded(path)
+        if recorded is None:
+            # An answer to a pause is found even in a frame that is not durable (a parallel
+            # branch runs again from its start, and the step that paused must not ask again).
+            answer = self.scope.records.get((path, "step"))
+            if answer is not None and answer.extras.get("answer"):
+                recorded = answer
         if recorded is not None:
             result = replace(recorded.result, output=typed_output(recorded.result.output, step))
             self.children.append(result)
