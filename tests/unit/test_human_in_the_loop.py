@@ -773,6 +773,8 @@ class SlowAckBackend(InMemoryBackend):
     """Commits each checkpoint, then takes a moment to say so (a network store's reply on its
     way back): a task cancelled in that moment has written without knowing it."""
 
+    writes_may_suspend = True  # it awaits inside its writes, as a network store does
+
     async def write_checkpoint(self, checkpoint: Checkpoint) -> int:
         version = await super().write_checkpoint(checkpoint)
         await asyncio.sleep(0.01)

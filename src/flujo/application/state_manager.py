@@ -128,27 +128,15 @@ class StateManager:
                 key: self.serializer.dumps(value, f"{key} of {where}")
                 for key, value in (extras or {}).items()
             }
-
-            async def commit() -> None:
-                await self._commit(
-                    status="running",
-                    current_step_index=top_index,
-                    last_step_output=None,
-                    error=None,
-                    context=context,
-                    records=[_record(result, output, kind=kind, extras=extra)],
-                )
-                self._remember(pending)
-
-            # Sub-steps run side by side (map items, parallel branches), and the first one to
-            # fail or pause cancels the others. A cancelled checkpoint must still finish its
-            # write and its bookkeeping, or this run's version would fall behind the store's.
-            task = asyncio.ensure_future(commit())
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                await task
-                raise
+            await self._commit(
+                status="running",
+                current_step_index=top_index,
+                last_step_output=None,
+                error=None,
+                context=context,
+                records=[_record(result, output, kind=kind, extras=extra)],
+            )
+            self._remember(pending)
 
     async def step_failed(self, result: StepResult) -> None:
         """Commit a failed step's record and the run's ``failed`` status; context unchanged."""
@@ -230,11 +218,33 @@ class StateManager:
             header=header,
             status_changed=status != self._status,
         )
-        self.version = await self.backend.write_checkpoint(checkpoint)
+        if self.backend.writes_may_suspend:
+            self.version = await self._write_through_cancellation(checkpoint)
+        else:  # no await inside the write: a cancellation lands before it or after this line
+            self.version = await self.backend.write_checkpoint(checkpoint)
         self._status = status
         self.history_len += len(records)
         self._header = None
         self._initial = {}
+
+    async def _write_through_cancellation(self, checkpoint: Checkpoint) -> int:
+        """Write ``checkpoint`` even if this task is cancelled meanwhile.
+
+        Sub-steps run side by side (map items, parallel branches), and the first one to fail or
+        pause cancels the others. A write cut off half-way would leave its outcome unknown and
+        this run's version behind the store's; so the write finishes, its version is kept, and
+        the cancellation goes on afterwards.
+        """
+        task = asyncio.ensure_future(self.backend.write_checkpoint(checkpoint))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self.version = await task
+            self._status = checkpoint.status
+            self.history_len += len(checkpoint.steps)
+            self._header = None
+            self._initial = {}
+            raise
 
     def _remember(self, pending: list[tuple[str, Any, bytes]]) -> None:
         fields = self._fields

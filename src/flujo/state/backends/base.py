@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -252,10 +252,17 @@ class Checkpoint:
 class StateBackend(ABC):
     """Abstract interface for workflow state persistence.
 
+    ``writes_may_suspend`` tells the runner whether :meth:`write_checkpoint` awaits anything
+    (network I/O): if it does, the runner lets a started write finish even when the step that
+    asked for it is cancelled, so its outcome is never unknown. Backends whose writes run
+    without suspending (SQLite, files, memory) set it to False to skip that protection.
+
     ``serializer_default`` replaces :func:`~flujo.state.serialization.flujo_default_serializer`
     for values orjson cannot serialize natively; ``max_payload_bytes`` bounds one serialized
     value (a context field, a step output, a step record).
     """
+
+    writes_may_suspend: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -61,6 +61,8 @@ class FileBackend(StateBackend):
     compare-and-swap, so two processes cannot both advance one run. The directory is created on
     first write. Good for a few processes on one machine; prefer SQLite or Postgres beyond that.
     """
+
+    writes_may_suspend: ClassVar[bool] = False  # its writes never await: nothing to protect
 
     def __init__(self, directory: str | Path, *, cache_size: int = 256, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from flujo.state.backends.base import (
     Checkpoint,
@@ -33,6 +33,8 @@ class InMemoryBackend(StateBackend):
     >>> asyncio.run(backend.load_state("nothing-here")) is None
     True
     """
+
+    writes_may_suspend: ClassVar[bool] = False  # its writes never await: nothing to protect
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

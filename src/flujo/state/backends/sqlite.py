@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 
@@ -147,6 +147,8 @@ class SQLiteBackend(StateBackend):
     by a lock, so one backend may be shared by threads and event loops. Other processes may use
     the same file; ``busy_timeout_s`` bounds how long a write waits for them.
     """
+
+    writes_may_suspend: ClassVar[bool] = False  # its writes never await: nothing to protect
 
     def __init__(
         self,
