@@ -21,6 +21,7 @@ from flujo.domain.models import (
 )
 from flujo.domain.pipeline import Pipeline, PipelineRegistry
 from flujo.domain.step import Step, StepConfig, step
+from flujo.domain.usage import Usage, UsageLimits
 from flujo.exceptions import FlujoError, PausedException, PipelineAbortSignal
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ __all__ = [
     "TaskSummary",
     "ToolCall",
     "Transition",
+    "Usage",
+    "UsageLimits",
     "__version__",
     "step",
 ]

@@ -1085,7 +1085,8 @@ def _resume_with_registry(
 @config_app.command("show")
 def config_show_command(as_json: Annotated[bool, _JSON_OPTION] = False) -> None:
     """Show each setting, its value (passwords hidden) and where it comes from."""
-    from flujo.config import config_path, setting_sources  # noqa: PLC0415
+    from flujo.config import setting_sources  # noqa: PLC0415
+    from flujo.config_file import config_path  # noqa: PLC0415
 
     settings = _settings()
     sources = setting_sources()

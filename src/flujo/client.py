@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flujo.domain.models import StepResult, build_history
+from flujo.domain.usage import NO_USAGE, Usage
 from flujo.exceptions import (
     ConfigurationError,
     PipelineMismatchError,
@@ -47,6 +48,15 @@ class TaskSummary(BaseModel):
     error: dict[str, Any] | None = None
     """Why the run failed, paused or was cancelled: ``{"type", "message", "step"}`` (and
     ``"path"`` for a pause)."""
+    usage: Usage = NO_USAGE
+    """What the run's agent calls used so far (requests, tokens, cost)."""
+
+    @field_validator("usage", mode="before")
+    @classmethod
+    def _usage(cls, value: Any) -> Any:
+        if value is None or isinstance(value, dict):
+            return Usage.from_dict(value)
+        return value
 
     @property
     def pause_path(self) -> list[int | str] | None:
@@ -150,6 +160,7 @@ class TaskClient:
             updated_at=state["updated_at"],
             metadata=state.get("metadata") or {},
             error=state.get("error"),
+            usage=state.get("usage"),
             step_names=state.get("step_names") or [],
             context=state.get("pipeline_context") or {},
             step_history=build_history(state.get("step_history") or []),

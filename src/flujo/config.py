@@ -20,7 +20,6 @@ it came from.
 from __future__ import annotations
 
 import os
-import tomllib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,14 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from flujo.config_file import (
+    CONFIG_FILE,
+    ENV_PREFIX,
+    config_path,
+    configured_table,
+    configured_usage_limits,
+    read_toml,
+)
 from flujo.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -40,13 +47,13 @@ __all__ = [
     "FlujoSettings",
     "FlujoSettingsWarning",
     "configured_backend",
+    "configured_table",
+    "configured_usage_limits",
     "load_settings",
     "setting_sources",
 ]
 
-CONFIG_FILE = "flujo.toml"
 DEFAULT_STATE_URI = "sqlite:///flujo_ops.db"
-ENV_PREFIX = "FLUJO_"
 
 # Tables of flujo.toml that belong to other parts of flujo (the production manual's sections);
 # they are not settings of this object, and not unknown either.
@@ -89,7 +96,7 @@ class FlujoSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        data = _read_toml(config_path())
+        data = read_toml(config_path())
         table = data.get("settings")
         return (
             init_settings,
@@ -118,25 +125,6 @@ class _TomlTable(PydanticBaseSettingsSource):
 _IN_TABLE = frozenset(FlujoSettings.model_fields) - _TOP_LEVEL
 
 
-def config_path() -> Path:
-    """The ``flujo.toml`` in use (it may not exist, unless FLUJO_CONFIG_PATH names it)."""
-    return Path(os.environ.get(f"{ENV_PREFIX}CONFIG_PATH") or CONFIG_FILE)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        if os.environ.get(f"{ENV_PREFIX}CONFIG_PATH"):
-            raise ConfigurationError(
-                f"{path}: no such settings file (named by {ENV_PREFIX}CONFIG_PATH)"
-            )
-        return {}
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigurationError(f"{path}: cannot read settings: {exc}") from exc
-
-
 def _check_keys(path: Path, data: dict[str, Any]) -> None:
     fields = set(FlujoSettings.model_fields) - _TOP_LEVEL
     for key, value in data.items():
@@ -161,7 +149,7 @@ def _check_keys(path: Path, data: dict[str, Any]) -> None:
 def setting_sources(data: dict[str, Any] | None = None) -> dict[str, str]:
     """For each setting, where its value comes from: the environment, the file, or the default."""
     path = config_path()
-    data = _read_toml(path) if data is None else data
+    data = read_toml(path) if data is None else data
     table = data.get("settings", {}) if isinstance(data.get("settings"), dict) else {}
     env = {key.upper() for key in os.environ}
     sources = {}
@@ -181,7 +169,7 @@ def setting_sources(data: dict[str, Any] | None = None) -> dict[str, str]:
 def load_settings(**overrides: Any) -> FlujoSettings:
     """Read the settings (environment > ``flujo.toml`` > defaults); ``overrides`` win over all."""
     path = config_path()
-    data = _read_toml(path)
+    data = read_toml(path)
     _check_keys(path, data)
     try:
         settings = FlujoSettings(**overrides)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "RUN_STOPPERS",
     "ConfigurationError",
     "ContextReferenceError",
     "ContextValidationError",
@@ -44,7 +45,10 @@ __all__ = [
     "StateBackendError",
     "StateConflictError",
     "StepTimeoutError",
+    "StructuredOutputError",
+    "ToolNotAllowedError",
     "UnknownBranchError",
+    "UsageLimitExceededError",
 ]
 
 
@@ -231,6 +235,57 @@ class MergeConflictError(FlujoError):
         self.step_name = step_name
         self.field = field
         self.branches = branches
+
+
+class UsageLimitExceededError(FlujoError):
+    """A run reached one of its usage limits (cost, tokens or requests); no agent call starts.
+
+    ``usage`` is the run's usage so far (a :class:`flujo.Usage`), ``limits`` the
+    :class:`flujo.UsageLimits` in force, ``limit`` the name of the limit that was reached.
+    The runner checkpoints the run as failed before raising it and sets ``result``.
+    """
+
+    def __init__(self, message: str, *, usage: Any, limits: Any, limit: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.limits = limits
+        self.limit = limit
+        self.result: Any = None
+        """The failed run's PipelineResult (set by the runner)."""
+        self.step_result: Any = None
+        """The StepResult of the step that was stopped (set by flujo as it propagates)."""
+
+
+class ToolNotAllowedError(FlujoError):
+    """An agent called a tool that ``FLUJO_GOVERNANCE_TOOL_ALLOWLIST`` does not list."""
+
+    def __init__(self, message: str, *, tool: str, allowed: frozenset[str]) -> None:
+        super().__init__(message)
+        self.tool = tool
+        self.allowed = allowed
+
+
+class StructuredOutputError(FlujoError, ValueError):
+    """A model's text could not be turned into the step's output type.
+
+    ``raw_text`` is the text the model produced (scrubbed when PII scrubbing is on);
+    ``output_type`` names the type it had to fit.
+    """
+
+    def __init__(self, message: str, *, raw_text: str, output_type: str) -> None:
+        super().__init__(message)
+        self.raw_text = raw_text
+        self.output_type = output_type
+
+
+#: Errors that are not a step's failure but stop the whole run: problems of the store itself
+#: (another writer won, the database failed) and a usage limit reached. They are raised to the
+#: caller, never retried, and never turned into a failed step by composite steps.
+RUN_STOPPERS: tuple[type[FlujoError], ...] = (
+    StateConflictError,
+    StateBackendError,
+    UsageLimitExceededError,
+)
 
 
 class FlujoSignal(BaseException):

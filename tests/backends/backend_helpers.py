@@ -131,6 +131,7 @@ def sample_state(run_id: str, **overrides: Any) -> dict[str, Any]:
         ],
         "error": None,
         "initial_input": {"url": "https://example.com/data.csv"},
+        "usage": {"requests": 3, "input_tokens": 120, "output_tokens": 45, "cost_usd": 0.0012},
     }
     state.update(overrides)
     return state

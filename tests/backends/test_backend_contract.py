@@ -306,6 +306,7 @@ async def test_list_runs_summaries(backend: StateBackend) -> None:
         "updated_at": to_datetime(410.0),
         "metadata": {"run": "r-newest", "pipeline": "report"},
         "error": FAILURE,
+        "usage": {"requests": 3, "input_tokens": 120, "output_tokens": 45, "cost_usd": 0.0012},
     }
     assert runs[1]["error"] is None
     assert runs[1]["metadata"] == {"run": "r-new", "pipeline": "report"}
@@ -501,6 +502,7 @@ async def test_first_checkpoint_creates_the_run(backend: StateBackend) -> None:
         "last_step_output": [1, 2],
         "error": None,
         "metadata": {},
+        "usage": None,
         "pipeline_context": {"run_id": "run-1", "scratchpad": {}, "count": 0},
         "step_history": [step_record(0, "load", [1, 2])],
     }

@@ -388,12 +388,19 @@ def test_the_environment_beats_flujo_toml_for_flujo(monkeypatch: pytest.MonkeyPa
 def test_persist_state_false_ignores_the_configured_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Not even a broken setting matters when nothing is stored.
+    # Not even a broken store setting matters when nothing is stored.
     monkeypatch.setenv("FLUJO_STATE_URI", "nonsense")
-    write_toml("this is not toml")
+    write_toml('state_uri = "also nonsense"\n')
     runner = Flujo(echo, persist_state=False)
     assert runner.state_backend is None
     assert runner.run(5).output == 5
+
+
+def test_an_unreadable_flujo_toml_fails_even_without_a_store() -> None:
+    # The file also holds [budgets], which every runner reads: a broken file is reported.
+    write_toml("this is not toml")
+    with pytest.raises(ConfigurationError, match="cannot read settings"):
+        Flujo(echo, persist_state=False)
 
 
 def test_a_bad_configured_uri_fails_when_flujo_is_built(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,6 +34,7 @@ from flujo.domain.models import (
 )
 from flujo.domain.pipeline import Pipeline, PipelineRegistry, parse_version
 from flujo.domain.step import Step
+from flujo.domain.usage import RunMeter, Usage, UsageLimits
 from flujo.exceptions import (
     ConfigurationError,
     ContextValidationError,
@@ -46,6 +47,7 @@ from flujo.exceptions import (
     RunNotFoundError,
     SerializationError,
     StateConflictError,
+    UsageLimitExceededError,
 )
 from flujo.state.backends.base import (
     RunHeader,
@@ -81,6 +83,8 @@ class _Run(Generic[CtxT]):
     resumed: bool
     records: dict[tuple[Path, str], Recorded] = field(default_factory=dict)
     """What composite steps recorded of the step in progress (on resume)."""
+    meter: RunMeter = field(default_factory=RunMeter)
+    """The run's usage (earlier processes' included) and its limits."""
 
 
 class Flujo(Generic[InT, OutT, CtxT]):
@@ -117,6 +121,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         persist_state: bool = True,
         state_providers: Mapping[str, StateProvider] | None = None,
         executor_factory: ExecutorFactory | None = None,
+        usage_limits: UsageLimits | None = None,
     ) -> None:
         self._pipeline = None if pipeline is None else Pipeline.coerce(pipeline)
         if self._pipeline is None and (registry is None or not pipeline_name):
@@ -141,6 +146,10 @@ class Flujo(Generic[InT, OutT, CtxT]):
             )
         if pipeline_version != "latest":
             parse_version(pipeline_version)
+        if usage_limits is not None and not isinstance(usage_limits, UsageLimits):
+            raise ConfigurationError(
+                f"usage_limits must be a UsageLimits, got {type(usage_limits).__name__}"
+            )
         self.context_model: type[CtxT] = cast(type[CtxT], context_model or PipelineContext)
         self.initial_context_data: dict[str, Any] = dict(initial_context_data or {})
         self.resources = resources
@@ -151,6 +160,12 @@ class Flujo(Generic[InT, OutT, CtxT]):
         self.pipeline_version = pipeline_version
         self.pipeline_id = pipeline_id or self.pipeline_name
         self.persist_state = persist_state
+        if usage_limits is None:
+            from flujo.config_file import configured_usage_limits  # noqa: PLC0415
+
+            usage_limits = configured_usage_limits(self.pipeline_name)
+        self.usage_limits: UsageLimits | None = usage_limits
+        """The most each run may use (``[budgets]`` in flujo.toml when not given)."""
         if persist_state and state_backend is None:
             from flujo.config import configured_backend  # noqa: PLC0415 - settings on demand
 
@@ -411,6 +426,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         if metadata:
             for key in metadata:
                 validate_metadata_key(key)
+        meter = RunMeter(self.usage_limits)
         if self.state_backend is not None:
             dumps = self.state_backend.serializer.dumps
             header = RunHeader(
@@ -423,9 +439,17 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 metadata=encode_metadata(metadata, self.state_backend.serializer),
             )
             manager = StateManager(
-                self.state_backend, run_id, context, version=0, history_len=0, header=header
+                self.state_backend,
+                run_id,
+                context,
+                version=0,
+                history_len=0,
+                header=header,
+                meter=meter,
             )
-        return _Run(run_id, pipeline, context, initial_input, 0, [], manager, resumed=False)
+        return _Run(
+            run_id, pipeline, context, initial_input, 0, [], manager, resumed=False, meter=meter
+        )
 
     def _pipeline_for_new_run(self) -> tuple[Pipeline[Any, Any], str]:
         if self._pipeline is not None:
@@ -508,6 +532,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         else:
             data = _typed(value, step, run_id)
         manager = None
+        meter = RunMeter(self.usage_limits, Usage.from_dict(state.usage))
         if self.state_backend is not None:
             manager = StateManager(
                 self.state_backend,
@@ -518,12 +543,13 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 header=None,
                 stored_context=state.pipeline_context,
                 status=state.status,
+                meter=meter,
             )
         # The step in progress continues in this process: its recorded sub-steps are handed to
         # it (below) rather than shown under a placeholder.
         history = [r for r in history if r.attempts or r.index != index]
         records = _records_of(state.step_history, index)
-        return _Run(run_id, pipeline, context, data, index, history, manager, True, records)
+        return _Run(run_id, pipeline, context, data, index, history, manager, True, records, meter)
 
     def _stored_result(
         self, state: WorkflowState, history: list[StepResult]
@@ -556,6 +582,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
             error=error,
             failed_step=failed_step if isinstance(failed_step, str) else None,
             pause_path=pause_path,
+            usage=Usage.from_dict(state.usage),
         )
 
     # -- driving ---------------------------------------------------------------------------------
@@ -602,11 +629,12 @@ class Flujo(Generic[InT, OutT, CtxT]):
             except PipelineAbortSignal as signal:
                 final = await self._stop(run, signal, run.start, None)
         index = run.start
+        meter = run.meter
         while final is None and index <= last:
             step = steps[index]
             try:
                 if not step.composite:
-                    result = await execute(step, data, context, resources, index)
+                    result = await execute(step, data, context, resources, index, meter=meter)
                 else:
                     if scope is None:
                         scope = RunScope(
@@ -615,9 +643,13 @@ class Flujo(Generic[InT, OutT, CtxT]):
                     scope.top_index = index
                     frame = Frame(scope, (index,))
                     if not stream:
-                        result = await execute(step, data, context, resources, index, frame)
+                        result = await execute(
+                            step, data, context, resources, index, frame, meter=meter
+                        )
                     else:
-                        streamed = _stream_composite(scope, execute, step, data, index, frame)
+                        streamed = _stream_composite(
+                            scope, execute, step, data, index, frame, meter
+                        )
                         async for nested in streamed:
                             if nested.path is not None:
                                 yield nested
@@ -626,6 +658,9 @@ class Flujo(Generic[InT, OutT, CtxT]):
             except FlujoSignal as signal:
                 final = await self._stop(run, signal, index, step.name)
                 break
+            except UsageLimitExceededError as exc:
+                await self._over_budget(run, exc, step, index)
+                raise
             history.append(result)
             if not result.success:
                 if manager is not None:
@@ -635,7 +670,14 @@ class Flujo(Generic[InT, OutT, CtxT]):
                     await self._emit_quietly(StepFailure(run.run_id, result, context))
                 yield result
                 final = PipelineResult(
-                    run.run_id, "failed", None, history, context, result.error, step.name
+                    run.run_id,
+                    "failed",
+                    None,
+                    history,
+                    context,
+                    result.error,
+                    step.name,
+                    usage=meter.total,
                 )
                 break
             data = result.output
@@ -650,7 +692,9 @@ class Flujo(Generic[InT, OutT, CtxT]):
             yield result
             index += 1
         if final is None:
-            final = PipelineResult(run.run_id, "completed", data, history, context)
+            final = PipelineResult(
+                run.run_id, "completed", data, history, context, usage=meter.total
+            )
             if self.delete_on_completion and self.state_backend is not None:
                 await self.state_backend.delete_state(run.run_id)
         logger.debug("run %s stopped: %s", run.run_id, final.status)
@@ -701,8 +745,46 @@ class Flujo(Generic[InT, OutT, CtxT]):
             )
             run.manager.rollback_context()
         return PipelineResult(
-            run.run_id, status, None, run.history, run.context, reason, step_name, path
+            run.run_id,
+            status,
+            None,
+            run.history,
+            run.context,
+            reason,
+            step_name,
+            path,
+            usage=run.meter.total,
         )
+
+    async def _over_budget(
+        self, run: _Run[CtxT], exc: UsageLimitExceededError, step: Step[Any, Any], index: int
+    ) -> None:
+        """A usage limit stopped the run at top-level step ``index``: record the step as failed
+        (with what it used), the run as failed, and give the error its result."""
+        failed = exc.step_result
+        if not isinstance(failed, StepResult) or failed.path is not None:
+            failed = StepResult(
+                step.name, None, False, 1, 0.0, StepError.from_exception(exc), index
+            )
+        exc.usage = run.meter.total
+        run.history.append(failed)
+        if run.manager is not None:
+            await run.manager.step_failed(failed)
+            run.manager.rollback_context()
+        result: PipelineResult[OutT, CtxT] = PipelineResult(
+            run.run_id,
+            "failed",
+            None,
+            run.history,
+            run.context,
+            failed.error,
+            step.name,
+            usage=run.meter.total,
+        )
+        exc.result = result
+        if self.hooks:
+            await self._emit_quietly(StepFailure(run.run_id, failed, run.context))
+            await self._emit_quietly(PostRun(run.run_id, result))
 
     async def _emit(self, event: HookEvent) -> None:
         """Call every hook; a PipelineAbortSignal propagates, other errors are logged."""
@@ -731,11 +813,14 @@ async def _stream_composite(
     data: Any,
     index: int,
     frame: Frame,
+    meter: RunMeter,
 ) -> AsyncIterator[StepResult]:
     """Run a composite step, yielding its sub-steps' results as they finish, then its own."""
     events: asyncio.Queue[StepResult] = asyncio.Queue()
     scope.events = events
-    task = asyncio.ensure_future(execute(step, data, scope.context, scope.resources, index, frame))
+    task = asyncio.ensure_future(
+        execute(step, data, scope.context, scope.resources, index, frame, meter=meter)
+    )
     try:
         while not task.done():
             getter = asyncio.ensure_future(events.get())
@@ -792,7 +877,7 @@ def _typed(value: Any, step: Step[Any, Any], run_id: str) -> Any:
 #: The keys of a stored step record that StepResult holds; any other key is an extra.
 _RECORD_KEYS = frozenset(
     {"index", "name", "output", "success", "attempts", "latency_s", "error", "path", "kind"}
-    | {"cache_hit"}
+    | {"cache_hit", "usage"}
 )
 
 

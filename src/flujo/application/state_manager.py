@@ -26,12 +26,15 @@ from pydantic_core import PydanticSerializationError
 
 from flujo.exceptions import SerializationError
 from flujo.state.backends.base import Checkpoint, RunHeader, now
+from flujo.state.serialization import active_scrubber
 
 if TYPE_CHECKING:
     from flujo.domain.models import StepError, StepResult
+    from flujo.domain.usage import RunMeter, Usage
     from flujo.state.backends.base import StateBackend
 
 __all__ = ["StateManager"]
+
 
 _IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
 
@@ -45,10 +48,13 @@ class StateManager:
         "_initial",
         "_lock",
         "_plain",
+        "_scrubber",
         "_status",
+        "_usage",
         "backend",
         "context",
         "history_len",
+        "meter",
         "run_id",
         "serializer",
         "version",
@@ -65,6 +71,7 @@ class StateManager:
         header: RunHeader | None,
         stored_context: dict[str, Any] | None = None,
         status: str | None = None,
+        meter: RunMeter | None = None,
     ) -> None:
         self.backend = backend
         self.serializer = backend.serializer
@@ -75,6 +82,11 @@ class StateManager:
         self._header = header
         self._lock = asyncio.Lock()  # composite steps may record sub-steps concurrently
         self._status = status  # the stored status (None: not stored yet)
+        # The run's usage, committed with every checkpoint whenever it changed.
+        self.meter = meter
+        self._usage: Usage | None = None if meter is None else meter.total
+        # FLUJO_GOVERNANCE_PII_SCRUB: every value written is scrubbed (read once per run).
+        self._scrubber = active_scrubber()
         self._plain = plain_json_fields(type(context))
         # field name -> (the value object last committed, its committed JSON bytes)
         self._fields: dict[str, tuple[Any, bytes]] = {}
@@ -204,6 +216,10 @@ class StateManager:
         header = self._header
         if header is not None:
             context = {**self._initial, **context}
+        usage = None
+        meter = self.meter
+        if meter is not None and meter.total is not self._usage:
+            usage = meter.total
         checkpoint = Checkpoint(
             run_id=self.run_id,
             expected_version=self.version,
@@ -217,7 +233,12 @@ class StateManager:
             step_offset=self.history_len,
             header=header,
             status_changed=status != self._status,
+            usage=None if usage is None else orjson.dumps(usage.to_dict()),
         )
+        if self._scrubber is not None:
+            from flujo.governance import scrub_checkpoint  # noqa: PLC0415 - loaded with it
+
+            checkpoint = scrub_checkpoint(checkpoint, self._scrubber)
         if self.backend.writes_may_suspend:
             self.version = await self._write_through_cancellation(checkpoint)
         else:  # no await inside the write: a cancellation lands before it or after this line
@@ -226,6 +247,8 @@ class StateManager:
         self.history_len += len(records)
         self._header = None
         self._initial = {}
+        if usage is not None:
+            self._usage = usage
 
     async def _write_through_cancellation(self, checkpoint: Checkpoint) -> int:
         """Write ``checkpoint`` even if this task is cancelled meanwhile.
@@ -348,6 +371,8 @@ def _record(
         head["kind"] = kind
     if result.cache_hit:
         head["cache_hit"] = True
+    if result.usage:
+        head["usage"] = result.usage.to_dict()
     record = orjson.dumps(head)[:-1] + b',"output":' + output
     for key, value in (extras or {}).items():
         record += b"," + orjson.dumps(key) + b":" + value

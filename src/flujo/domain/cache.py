@@ -16,7 +16,7 @@ from flujo.domain.control import _Composite
 from flujo.domain.step import Step
 from flujo.exceptions import ConfigurationError
 from flujo.state.cache import CacheBackend, InMemoryCache
-from flujo.state.serialization import Serializer, flujo_default_serializer
+from flujo.state.serialization import Serializer, active_scrubber, flujo_default_serializer
 
 if TYPE_CHECKING:
     from flujo.application.core.frame import Frame
@@ -128,5 +128,9 @@ class CacheStep(_Composite[InT, OutT]):
         frame.children.append(result)
         if not result.success:
             raise ChildFailed(result)
-        await self.cache.set(key, _SERIALIZER.dumps(result.output, f"output of {self.name!r}"))
+        value = _SERIALIZER.dumps(result.output, f"output of {self.name!r}")
+        scrubber = active_scrubber()  # FLUJO_GOVERNANCE_PII_SCRUB: cached outputs too
+        if scrubber is not None:
+            value = scrubber.scrub_json(value)
+        await self.cache.set(key, value)
         return result.output

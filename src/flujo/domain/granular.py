@@ -32,7 +32,9 @@ from flujo.application.core.frame import call_user
 from flujo.domain.control import _Composite
 from flujo.domain.models import StepError, StepResult
 from flujo.domain.step import _in_thread
-from flujo.exceptions import ConfigurationError, IterationLimitError
+from flujo.domain.usage import Usage, check_usage_limits, count_recorded, current_step_meter
+from flujo.exceptions import RUN_STOPPERS, ConfigurationError, IterationLimitError
+from flujo.governance import current_policy
 
 if TYPE_CHECKING:
     from flujo.application.core.frame import Frame
@@ -125,11 +127,15 @@ class GranularStep(_Composite[InT, OutT]):
             decided = frame.recorded(at, "model")
             if decided is not None:
                 outcome = _turn_from_record(decided.result.output)
+                count_recorded(decided.result.usage)
             else:
+                meter = current_step_meter()
+                before = meter.usage if meter is not None else Usage()
                 outcome = await self._ask(transcript, frame)
-                await frame.record(
-                    StepResult(f"{self.name}:model", _turn_record(outcome), path=at), kind="model"
-                )
+                used = (meter.usage - before) if meter is not None else None
+                decision = StepResult(f"{self.name}:model", _turn_record(outcome), path=at)
+                decision.usage = used or None  # what this turn cost, kept with it
+                await frame.record(decision, kind="model")
             transcript.append(
                 {
                     "role": "assistant",
@@ -156,6 +162,7 @@ class GranularStep(_Composite[InT, OutT]):
         )
 
     async def _ask(self, transcript: list[dict[str, Any]], frame: Frame) -> AgentTurn:
+        check_usage_limits()  # no model turn starts once the run reached a usage limit
         turn = self.turn_agent.turn
         if self._turn_takes_context:
             outcome = await call_user(turn, list(transcript), context=frame.context)
@@ -172,12 +179,15 @@ class GranularStep(_Composite[InT, OutT]):
         self, calls: Sequence[ToolCall], frame: Frame, turn: int
     ) -> list[dict[str, Any]]:
         observations = []
+        policy = current_policy()
         for index, call in enumerate(calls):
             at = (*frame.path, turn, index)
             recorded = frame.recorded(at, "tool") if self.enforce_idempotency else None
             if recorded is not None:
                 observations.append(dict(recorded.result.output))
                 continue
+            # A tool the governance allowlist does not name fails the step before it runs.
+            policy.check_tool(call.name)
             key = self.idempotency_key(frame.scope.run_id, frame.path, turn, index)
             observation = await self._call_tool(call, key)
             if self.enforce_idempotency:
@@ -208,6 +218,8 @@ class GranularStep(_Composite[InT, OutT]):
                 result = await asyncio.to_thread(_in_thread, tool, **kwargs)
                 if inspect.isawaitable(result):
                     result = await result
+        except RUN_STOPPERS:
+            raise
         except Exception as exc:  # the model sees the failure and decides what to do
             observation["error"] = str(StepError.from_exception(exc))
             return observation

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from flujo.domain.usage import NO_USAGE, Usage
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
@@ -189,6 +191,9 @@ class StepResult:
     """The results of the steps a composite step (loop, map, branch, ...) ran, in order."""
     cache_hit: bool = False
     """True when a cached step returned a stored output instead of running."""
+    usage: Usage | None = None
+    """What the agent calls the step made (all its attempts and sub-steps) used: requests,
+    tokens, cost. None when it made none."""
 
     @property
     def location(self) -> tuple[int | str, ...]:
@@ -210,6 +215,8 @@ class StepResult:
             data["path"] = list(self.path)
         if self.cache_hit:
             data["cache_hit"] = True
+        if self.usage:
+            data["usage"] = self.usage.to_dict()
         return data
 
     @classmethod
@@ -217,6 +224,7 @@ class StepResult:
         """Rebuild a result from its stored form."""
         error = data.get("error")
         path = data.get("path")
+        usage = data.get("usage")
         return cls(
             name=str(data.get("name", "")),
             output=data.get("output"),
@@ -227,6 +235,7 @@ class StepResult:
             index=int(data.get("index", 0)),
             path=tuple(path) if isinstance(path, list) else None,
             cache_hit=bool(data.get("cache_hit", False)),
+            usage=Usage.from_dict(usage) if isinstance(usage, dict) else None,
         )
 
 
@@ -309,6 +318,9 @@ class PipelineResult(Generic[OutT, CtxT]):
     """The name of the step that failed, paused or aborted the run."""
     pause_path: tuple[int | str, ...] | None = None
     """Where a paused run paused (the paused step's location); resume_async checks it."""
+    usage: Usage = NO_USAGE
+    """What the run's agent calls used, in every process that worked on it: requests, tokens
+    and cost (see :class:`~flujo.UsageLimits`)."""
 
     @property
     def success(self) -> bool:

@@ -24,7 +24,13 @@ from typing_extensions import TypeVar
 from flujo.application.core.frame import ChildFailed, call_user
 from flujo.domain.control import StepLike, _callable, _Composite, _nth, _pipeline
 from flujo.domain.models import StepError, StepResult, _path_key
-from flujo.exceptions import ConfigurationError, MergeConflictError, UnknownBranchError
+from flujo.domain.usage import Usage, count_recorded
+from flujo.exceptions import (
+    RUN_STOPPERS,
+    ConfigurationError,
+    MergeConflictError,
+    UnknownBranchError,
+)
 
 if TYPE_CHECKING:
     from flujo.application.core.frame import Frame
@@ -143,6 +149,7 @@ class ParallelStep(_Composite[InT, OutT]):
                 pending.append(name)
             else:
                 frame.children.append(recorded.result)
+                count_recorded(recorded.result.usage)
                 outcomes[name] = (
                     recorded.result.output,
                     dict(recorded.extras.get("context_changes") or {}),
@@ -178,15 +185,19 @@ class ParallelStep(_Composite[InT, OutT]):
                 except ChildFailed as failed:
                     result = StepResult(name, None, False, error=failed.result.error, path=path)
                     result.step_history = inner.children
+                    result.usage = _used(inner.children)
                     failures[name] = result
                     await frame.record(result, kind="branch")
                     if self.on_branch_failure is BranchFailureStrategy.PROPAGATE:
                         raise
                     return
+                except RUN_STOPPERS:
+                    raise  # the whole run stops: not a branch's failure
                 except Exception as exc:
                     result = StepResult(
                         name, None, False, error=StepError.from_exception(exc), path=path
                     )
+                    result.usage = _used(inner.children)
                     failures[name] = result
                     await frame.record(result, kind="branch")
                     if self.on_branch_failure is BranchFailureStrategy.PROPAGATE:
@@ -195,6 +206,7 @@ class ParallelStep(_Composite[InT, OutT]):
                 changes = _changes(base, _dump(copy))
                 result = StepResult(name, output, True, path=path)
                 result.step_history = inner.children
+                result.usage = _used(inner.children)
                 outcomes[name] = (output, changes)
                 await frame.record(result, kind="branch", extras={"context_changes": changes})
 
@@ -356,3 +368,12 @@ def _merge_keys(original: dict[str, Any], writers: list[tuple[str, Any]]) -> dic
 
 
 _MISSING: Any = object()
+
+
+def _used(results: list[StepResult]) -> Usage | None:
+    """What a branch's steps used together (None when nothing)."""
+    total = Usage()
+    for result in results:
+        if result.usage:
+            total = total + result.usage
+    return total or None

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import inspect
 import math
+import sys
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from typing import (
     overload,
 )
 
+from flujo.domain.usage import check_usage_limits
 from flujo.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -188,17 +190,21 @@ class Step(Generic[InT, OutT]):
             backoff_max_s=backoff_max_s,
             run_in_thread=run_in_thread,
         )
-        self.agent = agent
         self._target: Callable[..., Any] | None = None
         self.input_type: Any = Any
         self.output_type: Any = Any
         if agent is not None:
+            agent = _as_agent(agent)
             run = getattr(agent, "run", None)
             if run is None or not callable(run):
                 raise ConfigurationError(
                     f"step {name!r}: agent {type(agent).__name__} has no run(data, **kwargs) method"
                 )
             self._bind(run)
+            declared = getattr(agent, "output_type", None)
+            if self.output_type is Any and declared is not None:
+                self.output_type = declared  # how stored outputs are typed again on resume
+        self.agent = agent
 
     def _bind(self, target: Callable[..., Any]) -> None:
         """Inspect ``target`` once, so that each call is a plain call."""
@@ -323,6 +329,8 @@ class Step(Generic[InT, OutT]):
         if self._wants_resources:
             kwargs["resources"] = resources
         args = (data,) if self._takes_data else ()
+        if self.agent is not None:
+            check_usage_limits()  # no agent call starts once the run reached a usage limit
         if self._is_async:
             return await target(*args, **kwargs)
         if self.config.run_in_thread:
@@ -438,6 +446,15 @@ class Step(Generic[InT, OutT]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def _as_agent(agent: Any) -> Any:
+    """A pydantic-ai Agent wrapped in flujo's adapter; any other agent as it is."""
+    if "pydantic_ai" in sys.modules:
+        from flujo.agents import as_agent  # noqa: PLC0415 - the optional extra, when in use
+
+        return as_agent(agent)
+    return agent
 
 
 def _in_thread(target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -52,3 +52,6 @@ class WorkflowState(BaseModel):
     """The input the run started with."""
     metadata: dict[str, Any] = Field(default_factory=dict)
     """JSON metadata given when the run started (``run_async(..., metadata=...)``)."""
+    usage: dict[str, Any] | None = None
+    """What the run's agent calls used so far: ``{"requests", "input_tokens", "output_tokens",
+    "cost_usd"}`` (None when no agent call was counted)."""

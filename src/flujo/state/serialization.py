@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable
 from datetime import date, datetime, time
 from decimal import Decimal
 from enum import Enum
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import orjson
@@ -35,9 +36,13 @@ from pydantic import BaseModel
 
 from flujo.exceptions import PayloadTooLargeError, SerializationError
 
+if TYPE_CHECKING:
+    from flujo.governance import Scrubber
+
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "Serializer",
+    "active_scrubber",
     "dumps",
     "flujo_default_serializer",
     "loads",
@@ -269,3 +274,22 @@ def loads(data: bytes | str) -> Any:
     {'a': [1, 2.5, None]}
     """
     return orjson.loads(data)
+
+
+#: The variables that turn PII scrubbing on (flujo.governance.ENV_PII_SCRUB / ENV_PII_STRONG),
+#: looked at first so that runs without governance never load the scrubber.
+_SCRUB_VARIABLES = ("FLUJO_GOVERNANCE_PII_SCRUB", "FLUJO_GOVERNANCE_PII_STRONG")
+
+
+def active_scrubber() -> Scrubber | None:
+    """The PII scrubber the environment asks for (None when scrubbing is off); when there is
+    one, flujo's own log records are scrubbed too."""
+    environ = os.environ
+    if not any(environ.get(name) for name in _SCRUB_VARIABLES):
+        return None
+    from flujo.governance import current_policy, install_log_scrubbing  # noqa: PLC0415
+
+    scrubber = current_policy().scrubber
+    if scrubber is not None:
+        install_log_scrubbing()
+    return scrubber

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from flujo.application.core.frame import ChildFailed
 from flujo.domain.models import ContextReference, StepError, StepResult
-from flujo.exceptions import StateBackendError, StateConflictError, StepTimeoutError
+from flujo.domain.usage import _CURRENT, NO_USAGE, RunMeter
+from flujo.exceptions import RUN_STOPPERS, StepTimeoutError, UsageLimitExceededError
 
 if TYPE_CHECKING:
     from flujo.application.core.frame import Frame, Path
@@ -19,10 +20,6 @@ if TYPE_CHECKING:
 __all__ = ["ExecutorCore"]
 
 logger = logging.getLogger("flujo.state_providers")
-
-#: Problems of the store itself (another writer won, the database failed) are not a step's
-#: failure: they stop the run and are raised, as at the top level, never retried.
-_STORE_ERRORS = (StateConflictError, StateBackendError)
 
 
 class ExecutorCore:
@@ -53,11 +50,54 @@ class ExecutorCore:
         index: int,
         frame: Frame | None = None,
         path: Path | None = None,
+        *,
+        meter: RunMeter | None = None,
     ) -> StepResult:
-        """Run ``step`` on ``data`` and describe the outcome."""
-        if self.state_providers and not step.runs_sub_steps:
-            return await self._with_references(step, data, context, resources, index, frame, path)
-        return await self._execute(step, data, context, resources, index, frame, path)
+        """Run ``step`` on ``data`` and describe the outcome.
+
+        The agent calls the step makes count into ``meter`` (the run's usage; a sub-step
+        counts into its composite step's run) and into the result's ``usage``.
+        """
+        parent = None
+        if meter is None:  # a sub-step: it counts into its composite step (and that one's run)
+            parent = _CURRENT.get()
+            if parent is not None:
+                meter = parent.run
+        if meter is None:  # not in a run (an executor used on its own): nothing to count
+            if self.state_providers and not step.runs_sub_steps:
+                return await self._with_references(
+                    step, data, context, resources, index, frame, path
+                )
+            return await self._execute(step, data, context, resources, index, frame, path)
+        step_meter = meter.step_meter(parent)
+        token = _CURRENT.set(step_meter)
+        try:
+            if self.state_providers and not step.runs_sub_steps:
+                result = await self._with_references(
+                    step, data, context, resources, index, frame, path
+                )
+            else:
+                result = await self._execute(step, data, context, resources, index, frame, path)
+        except UsageLimitExceededError as exc:
+            # The run stops here; the runner records, for the top-level step, this result.
+            exc.step_result = StepResult(
+                step.name,
+                None,
+                False,
+                1,
+                0.0,
+                StepError.from_exception(exc),
+                index,
+                path,
+                frame.children if frame is not None else [],
+                usage=step_meter.usage if step_meter.usage is not NO_USAGE else None,
+            )
+            raise
+        finally:
+            _CURRENT.reset(token)
+        if step_meter.usage is not NO_USAGE:
+            result.usage = step_meter.usage
+        return result
 
     async def _execute(
         self,
@@ -79,7 +119,7 @@ class ExecutorCore:
                     output = await step._invoke(data, context, resources)
                 else:
                     output = await step._run(data, frame)
-            except _STORE_ERRORS:
+            except RUN_STOPPERS:
                 raise
             except Exception as exc:
                 return _failure(step, exc, 1, start, index, frame, path)
@@ -117,7 +157,7 @@ class ExecutorCore:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(config.retries + 1),
             wait=wait_exponential(multiplier=config.backoff_s, max=config.backoff_max_s),
-            retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(_STORE_ERRORS),
+            retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(RUN_STOPPERS),
             reraise=True,
         )
         try:
@@ -132,7 +172,7 @@ class ExecutorCore:
                         output = await step._invoke(data, context, resources)
                     else:
                         output = await step._run(data, frame)
-        except _STORE_ERRORS:
+        except RUN_STOPPERS:
             raise
         except Exception as exc:
             return _failure(step, exc, attempts, start, index, frame, path)

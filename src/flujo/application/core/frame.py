@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter
 
 from flujo.domain.models import StepResult
+from flujo.domain.usage import count_recorded
 from flujo.exceptions import PausedException
 
 if TYPE_CHECKING:
@@ -168,6 +169,7 @@ class Frame:
         if recorded is not None:
             result = replace(recorded.result, output=typed_output(recorded.result.output, step))
             self.children.append(result)
+            count_recorded(result.usage)
             return result
         frame = self.child(path) if step.composite else None
         try:
@@ -204,10 +206,12 @@ class Frame:
             earlier = self.recorded((*prefix, index))
             if earlier is not None:
                 self.children.append(earlier.result)
+                count_recorded(earlier.result.usage)
         result = replace(
             recorded.result, output=typed_output(recorded.result.output, pipeline.steps[-1])
         )
         self.children.append(result)
+        count_recorded(result.usage)
         return result
 
 

@@ -37,7 +37,12 @@ from flujo.exceptions import (
     SerializationError,
     StateConflictError,
 )
-from flujo.state.serialization import DEFAULT_MAX_PAYLOAD_BYTES, Default, Serializer
+from flujo.state.serialization import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    Default,
+    Serializer,
+    active_scrubber,
+)
 
 __all__ = [
     "MAX_RUN_ID_LENGTH",
@@ -66,6 +71,7 @@ SUMMARY_FIELDS = (
     "updated_at",
     "metadata",
     "error",
+    "usage",
 )
 
 MAX_METADATA_KEY_LENGTH = 64
@@ -241,6 +247,9 @@ class Checkpoint:
     """The version to store; None means one more than the stored (or expected) version."""
     status_changed: bool = True
     """False when ``status`` is the one already stored (lets SQL skip the status index)."""
+    usage: bytes | None = None
+    """JSON of the run's usage so far (agent requests, tokens, cost), or None to keep the
+    stored one."""
 
     def new_version(self, stored: int) -> int:
         """The version this checkpoint stores, given the one in the store."""
@@ -392,6 +401,9 @@ def apply_to_dict(
     if checkpoint.last_step_output is not None:
         state["last_step_output"] = loads(checkpoint.last_step_output)
     state.setdefault("last_step_output", None)
+    if checkpoint.usage is not None:
+        state["usage"] = loads(checkpoint.usage)
+    state.setdefault("usage", None)
     return state
 
 
@@ -414,8 +426,9 @@ def checkpoint_from_state(run_id: str, state: dict[str, Any], serializer: Serial
             metadata=_metadata(state.get("metadata"), dumps),
         )
         error = state.get("error")
+        usage = state.get("usage")
         version = state.get("version")
-        return Checkpoint(
+        checkpoint = Checkpoint(
             run_id=run_id,
             expected_version=None,
             status=str(state.get("status", "running")),
@@ -432,11 +445,18 @@ def checkpoint_from_state(run_id: str, state: dict[str, Any], serializer: Serial
             header=header,
             replace=True,
             version=None if version is None else int(version),
+            usage=b"null" if usage is None else dumps(usage, "usage"),
         )
     except (SerializationError, InvalidMetadataError):
         raise
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"state of run {run_id!r}: {exc}", path="state") from exc
+    scrubber = active_scrubber()  # FLUJO_GOVERNANCE_PII_SCRUB applies to whole-state saves too
+    if scrubber is not None:
+        from flujo.governance import scrub_checkpoint  # noqa: PLC0415
+
+        checkpoint = scrub_checkpoint(checkpoint, scrubber)
+    return checkpoint
 
 
 def encode_metadata(metadata: Mapping[str, Any] | None, serializer: Serializer) -> bytes:
@@ -472,6 +492,11 @@ def _epoch(value: Any, default: float) -> float:
     return float(value)
 
 
+def _usage(stored: bytes | None) -> bytes | None:
+    """A checkpoint's usage as kept: JSON ``null`` means none."""
+    return None if stored is None or stored == b"null" else stored
+
+
 def corrupt(run_id: str | None, detail: str) -> CorruptStateError:
     """The error for stored bytes that cannot be read back."""
     return CorruptStateError(f"stored state of run {run_id!r} is corrupt: {detail}", run_id=run_id)
@@ -501,6 +526,7 @@ class StoredRun:
     context: dict[str, bytes]
     steps: list[bytes]
     metadata: bytes = b"{}"
+    usage: bytes | None = None
 
     @classmethod
     def create(cls, checkpoint: Checkpoint) -> StoredRun:
@@ -525,6 +551,7 @@ class StoredRun:
             context=dict(checkpoint.context),
             steps=list(checkpoint.steps),
             metadata=header.metadata,
+            usage=_usage(checkpoint.usage),
         )
 
     def apply(self, checkpoint: Checkpoint) -> None:
@@ -547,6 +574,8 @@ class StoredRun:
         self.error = checkpoint.error
         if checkpoint.last_step_output is not None:
             self.last_step_output = checkpoint.last_step_output
+        if checkpoint.usage is not None:
+            self.usage = _usage(checkpoint.usage)
         self.context.update(checkpoint.context)
         del self.steps[checkpoint.step_offset :]
         self.steps.extend(checkpoint.steps)
@@ -557,11 +586,15 @@ class StoredRun:
         try:
             metadata = orjson.loads(self.metadata)
             error = None if self.error is None else orjson.loads(self.error)
+            usage = None if self.usage is None else orjson.loads(self.usage)
         except orjson.JSONDecodeError as exc:
-            raise corrupt(self.run_id, f"metadata or error is not valid JSON ({exc})") from exc
+            raise corrupt(
+                self.run_id, f"metadata, error or usage is not valid JSON ({exc})"
+            ) from exc
         return {
             "metadata": metadata,
             "error": error,
+            "usage": usage,
             "run_id": self.run_id,
             "pipeline_id": self.pipeline_id,
             "pipeline_name": self.pipeline_name,
@@ -583,7 +616,7 @@ class StoredRun:
             initial_input = loads(self.initial_input)
             part = "last_step_output"
             last_output = loads(self.last_step_output)
-            part = "metadata or error"
+            part = "metadata, error or usage"
             state = self.summary()
             context = {}
             for name, value in self.context.items():

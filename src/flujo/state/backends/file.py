@@ -273,6 +273,8 @@ def _render(run: StoredRun, token: str) -> bytes:
             run.error or b"null",
             b',"metadata":',
             run.metadata,
+            b',"usage":',
+            run.usage or b"null",
             b',"pipeline_context":{',
             context,
             b'},"step_history":[',
@@ -326,6 +328,8 @@ def _parse(data: bytes, run_id: str, path: Path) -> dict[str, Any]:
         raise bad("error is not an object")
     if not isinstance(state.setdefault("metadata", {}), dict):
         raise bad("metadata is not an object")
+    if state.setdefault("usage", None) is not None and not isinstance(state["usage"], dict):
+        raise bad("usage is not an object")
     state["created_at"] = to_datetime(state["created_at"])
     state["updated_at"] = to_datetime(state["updated_at"])
     return state
@@ -351,6 +355,7 @@ def _stored(run_id: str, state: dict[str, Any]) -> StoredRun:
         context={name: dumps(value) for name, value in state["pipeline_context"].items()},
         steps=[dumps(record) for record in state["step_history"]],
         metadata=dumps(state["metadata"]),
+        usage=None if state.get("usage") is None else dumps(state["usage"]),
     )
 
 

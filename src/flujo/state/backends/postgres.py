@@ -76,6 +76,7 @@ MIGRATIONS: tuple[str, ...] = (
         version bigint NOT NULL,
         last_step_output json NOT NULL,
         error json,
+        usage json,
         created_at double precision NOT NULL,
         updated_at double precision NOT NULL
     ) WITH (fillfactor = 70);
@@ -109,7 +110,7 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 _SUMMARY_COLUMNS = (
     "run_id, pipeline_id, pipeline_name, pipeline_version, status, current_step_index, "
-    "version, created_at, updated_at, metadata, error"
+    "version, created_at, updated_at, metadata, error, usage"
 )
 
 # The common checkpoint: one step record appended, no context field changed.
@@ -117,7 +118,7 @@ _ADVANCE = """
 WITH run AS (
     UPDATE flujo_runs
     SET status = $2, current_step_index = $3, updated_at = $4, version = $5, error = $6,
-        last_step_output = COALESCE($7, last_step_output)
+        last_step_output = COALESCE($7, last_step_output), usage = COALESCE($11, usage)
     WHERE run_id = $1 AND version = $8
     RETURNING run_id
 )
@@ -130,7 +131,7 @@ _ADVANCE_MANY = """
 WITH run AS (
     UPDATE flujo_runs
     SET status = $2, current_step_index = $3, updated_at = $4, version = $5, error = $6,
-        last_step_output = COALESCE($7, last_step_output)
+        last_step_output = COALESCE($7, last_step_output), usage = COALESCE($13, usage)
     WHERE run_id = $1 AND version = $8
     RETURNING run_id
 ), steps AS (
@@ -152,8 +153,8 @@ _CREATE = """
 WITH run AS (
     INSERT INTO flujo_runs (run_id, pipeline_id, pipeline_name, pipeline_version, step_names,
         initial_input, metadata, created_at, status, current_step_index, updated_at, version,
-        last_step_output, error)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+        last_step_output, error, usage)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $19)
     ON CONFLICT (run_id) DO NOTHING
     RETURNING run_id
 ), steps AS (
@@ -170,7 +171,7 @@ SELECT count(*) FROM run
 
 _LOAD = """
 SELECT pipeline_id, pipeline_name, pipeline_version, step_names, initial_input, created_at,
-    status, current_step_index, updated_at, version, last_step_output, error, metadata,
+    status, current_step_index, updated_at, version, last_step_output, error, metadata, usage,
     ARRAY(SELECT field FROM flujo_run_context c WHERE c.run_id = r.run_id ORDER BY field),
     ARRAY(SELECT value FROM flujo_run_context c WHERE c.run_id = r.run_id ORDER BY field),
     ARRAY(SELECT record FROM flujo_run_steps s WHERE s.run_id = r.run_id ORDER BY seq)
@@ -486,7 +487,9 @@ class PostgresBackend(StateBackend):
         try:
             if len(cp.steps) == 1 and not cp.context:
                 common = _advance_args(cp, expected, version)
-                advanced = await self._checkpoint_statement(pool, _ADVANCE, *common, cp.steps[0])
+                advanced = await self._checkpoint_statement(
+                    pool, _ADVANCE, *common, cp.steps[0], cp.usage
+                )
             else:
                 advanced = await self._checkpoint_statement(
                     pool, _ADVANCE_MANY, *_advance_many_args(cp, expected, version)
@@ -631,8 +634,9 @@ class PostgresBackend(StateBackend):
                 last_step_output=row[10],
                 error=row[11],
                 metadata=row[12],
-                context=dict(zip(row[13], row[14], strict=True)),
-                steps=list(row[15]),
+                usage=None if row[13] is None or row[13] == b"null" else row[13],
+                context=dict(zip(row[14], row[15], strict=True)),
+                steps=list(row[16]),
             )
         except (TypeError, ValueError) as exc:
             raise CorruptStateError(
@@ -698,6 +702,7 @@ class PostgresBackend(StateBackend):
                         "updated_at": to_datetime(row[8]),
                         "metadata": orjson.loads(row[9]),
                         "error": None if row[10] is None else orjson.loads(row[10]),
+                        "usage": None if row[11] is None else orjson.loads(row[11]),
                     }
                 )
             except (TypeError, ValueError) as exc:
@@ -762,6 +767,7 @@ def _create_args(cp: Checkpoint, version: int) -> tuple[Any, ...]:
         cp.steps,
         list(cp.context),
         list(cp.context.values()),
+        None if cp.usage == b"null" else cp.usage,
     )
 
 
@@ -786,6 +792,7 @@ def _advance_many_args(cp: Checkpoint, expected: int, version: int) -> tuple[Any
         cp.steps,
         list(cp.context),
         list(cp.context.values()),
+        cp.usage,
     )
 
 

@@ -62,6 +62,7 @@ MIGRATIONS: tuple[str, ...] = (
         version INTEGER NOT NULL,
         last_step_output BLOB NOT NULL,
         error BLOB,
+        usage BLOB,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL
     );
@@ -99,26 +100,26 @@ MIGRATIONS: tuple[str, ...] = (
 _TABLES = ("run_context", "run_steps", "run_metadata", "runs")  # a run's rows, runs last
 _SUMMARY_COLUMNS = (
     "r.run_id, r.pipeline_id, r.pipeline_name, r.pipeline_version, r.status, "
-    "r.current_step_index, r.version, r.created_at, r.updated_at, r.metadata, r.error"
+    "r.current_step_index, r.version, r.created_at, r.updated_at, r.metadata, r.error, r.usage"
 )
 _RUN_COLUMNS = (
     "pipeline_id, pipeline_name, pipeline_version, step_names, initial_input, created_at, "
-    "status, current_step_index, updated_at, version, last_step_output, error, metadata"
+    "status, current_step_index, updated_at, version, last_step_output, error, metadata, usage"
 )
 _INSERT_RUN = (
     "INSERT INTO runs (run_id, pipeline_id, pipeline_name, pipeline_version, step_names, "
     "initial_input, metadata, created_at, status, current_step_index, updated_at, version, "
-    "last_step_output, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "last_step_output, error, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_RUN = (
     "UPDATE runs SET status = ?, current_step_index = ?, updated_at = ?, version = ?, "
-    "error = ?, last_step_output = COALESCE(?, last_step_output) "
+    "error = ?, last_step_output = COALESCE(?, last_step_output), usage = COALESCE(?, usage) "
     "WHERE run_id = ? AND version = ?"
 )
 # The same without status: the status index is left alone when the status did not change.
 _UPDATE_RUN_SAME_STATUS = (
     "UPDATE runs SET current_step_index = ?, updated_at = ?, version = ?, "
-    "error = ?, last_step_output = COALESCE(?, last_step_output) "
+    "error = ?, last_step_output = COALESCE(?, last_step_output), usage = COALESCE(?, usage) "
     "WHERE run_id = ? AND version = ?"
 )
 _UPSERT_CONTEXT = (
@@ -343,6 +344,7 @@ class SQLiteBackend(StateBackend):
                 version,
                 cp.last_step_output or b"null",
                 cp.error,
+                None if cp.usage == b"null" else cp.usage,
             ),
         )
         if header.metadata != b"{}":
@@ -370,6 +372,7 @@ class SQLiteBackend(StateBackend):
                 version,
                 cp.error,
                 cp.last_step_output,
+                cp.usage,
                 cp.run_id,
                 expected,
             ),
@@ -433,6 +436,7 @@ class SQLiteBackend(StateBackend):
                 last_step_output=_blob(row[10]),
                 error=None if row[11] is None else _blob(row[11]),
                 metadata=_blob(row[12]),
+                usage=None if row[13] is None or row[13] == b"null" else _blob(row[13]),
                 context={str(name): _blob(value) for name, value in context},
                 steps=[_blob(record) for (record,) in steps],
             )
@@ -570,7 +574,7 @@ def _list_query(
 def _summary(row: Any) -> dict[str, Any]:
     """A run summary from a row of _SUMMARY_COLUMNS, checked."""
     (run_id, pipeline_id, pipeline_name, pipeline_version, status, index, version) = row[:7]
-    created, updated, metadata, error = row[7:]
+    created, updated, metadata, error, usage = row[7:]
     for name, value in (("status", status), ("pipeline_name", pipeline_name)):
         if not isinstance(value, str):
             raise ValueError(f"{name} is not text")
@@ -592,6 +596,7 @@ def _summary(row: Any) -> dict[str, Any]:
         "updated_at": to_datetime(updated),
         "metadata": orjson.loads(_blob(metadata)),
         "error": None if error is None else orjson.loads(_blob(error)),
+        "usage": None if usage is None else orjson.loads(_blob(usage)),
     }
 
 
