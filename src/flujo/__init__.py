@@ -25,6 +25,7 @@ from flujo.domain.usage import Usage, UsageLimits
 from flujo.exceptions import FlujoError, PausedException, PipelineAbortSignal
 
 if TYPE_CHECKING:
+    from flujo.application.shadow import EvaluationScore, ShadowEvalConfig
     from flujo.client import TaskClient, TaskDetail, TaskSummary
     from flujo.domain.cache import CacheStep
     from flujo.domain.control import (
@@ -54,6 +55,7 @@ __all__ = [
     "CacheStep",
     "ConditionalStep",
     "DynamicParallelRouterStep",
+    "EvaluationScore",
     "Flujo",
     "FlujoError",
     "GranularStep",
@@ -75,6 +77,7 @@ __all__ = [
     "PostgresCache",
     "PreRun",
     "SQLiteCache",
+    "ShadowEvalConfig",
     "StateMachineStep",
     "Step",
     "StepConfig",
@@ -95,6 +98,8 @@ __all__ = [
 
 #: Names loaded on first use (most programs only run pipelines of plain steps).
 _LAZY = {
+    "EvaluationScore": "flujo.application.shadow",
+    "ShadowEvalConfig": "flujo.application.shadow",
     "TaskClient": "flujo.client",
     "TaskDetail": "flujo.client",
     "TaskSummary": "flujo.client",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from flujo.domain.interfaces import StateProvider
     from flujo.domain.models import PipelineResult
     from flujo.domain.pipeline import PipelineRegistry
+    from flujo.state.models import Evaluation
 
 __all__ = ["TaskClient", "TaskDetail", "TaskSummary"]
 
@@ -221,6 +222,24 @@ class TaskClient:
                 actual_version=int(state["version"]),
             )
         return await runner.run_async(input, run_id=run_id)
+
+    async def list_evaluations(
+        self,
+        run_id: str | None = None,
+        *,
+        step_name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Evaluation]:
+        """Shadow evaluation scores, newest first (of one run, one step name, since a time).
+
+        >>> [e.score for e in await client.list_evaluations("run-42")]   # doctest: +SKIP
+        [0.9, 0.4]
+        """
+        return await self.backend.list_evaluations(
+            run_id=run_id, step_name=step_name, since=since, limit=limit, offset=offset
+        )
 
     async def delete_task(self, run_id: str) -> bool:
         """Delete ``run_id``; False when there was no such run."""

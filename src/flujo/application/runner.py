@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, cast
+from typing import TYPE_CHECKING, Any, Generic, cast
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -58,6 +59,9 @@ from flujo.state.backends.base import (
     validate_run_id,
 )
 from flujo.state.models import WorkflowState
+
+if TYPE_CHECKING:
+    from flujo.application.shadow import ShadowEvalConfig, ShadowEvaluator
 
 __all__ = ["Flujo"]
 
@@ -122,6 +126,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         state_providers: Mapping[str, StateProvider] | None = None,
         executor_factory: ExecutorFactory | None = None,
         usage_limits: UsageLimits | None = None,
+        shadow_eval: ShadowEvalConfig | None = None,
     ) -> None:
         self._pipeline = None if pipeline is None else Pipeline.coerce(pipeline)
         if self._pipeline is None and (registry is None or not pipeline_name):
@@ -178,6 +183,16 @@ class Flujo(Generic[InT, OutT, CtxT]):
             checked = ExecutorFactory(state_providers=state_providers).state_providers
             self._executor.state_providers.update(checked)
         self.state_providers = dict(self._executor.state_providers)
+        self._shadow: ShadowEvaluator | None = None
+        if shadow_eval is None and os.environ.get("FLUJO_SHADOW_EVAL_ENABLED"):
+            from flujo.application.shadow import shadow_config_from_env  # noqa: PLC0415
+
+            shadow_eval = shadow_config_from_env()
+        if shadow_eval is not None and shadow_eval.enabled:
+            from flujo.application.shadow import ShadowEvaluator  # noqa: PLC0415
+
+            self._shadow = ShadowEvaluator(shadow_eval, self.state_backend)
+            self._executor.shadow = self._shadow
 
     @property
     def pipeline(self) -> Pipeline[InT, OutT] | None:
@@ -210,6 +225,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
                     metadata=metadata,
                 )
             finally:
+                if self._shadow is not None:  # scores still being written (bounded wait)
+                    await self._shadow.drain()
                 # This event loop ends with the call: release what the store bound to it
                 # (a Postgres pool); the store reopens on next use.
                 if self.state_backend is not None:
@@ -367,7 +384,10 @@ class Flujo(Generic[InT, OutT, CtxT]):
         return result
 
     async def aclose(self) -> None:
-        """Release the state backend (including one passed in) and anything it holds."""
+        """Wait for pending shadow evaluations (up to their timeout), then release the state
+        backend (including one passed in) and anything it holds."""
+        if self._shadow is not None:
+            await self._shadow.drain()
         if self.state_backend is not None:
             await self.state_backend.aclose()
 

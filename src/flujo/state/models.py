@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["WorkflowState"]
+from flujo.domain.usage import NO_USAGE, Usage
+
+__all__ = ["Evaluation", "WorkflowState"]
 
 
 class WorkflowState(BaseModel):
@@ -55,3 +58,39 @@ class WorkflowState(BaseModel):
     usage: dict[str, Any] | None = None
     """What the run's agent calls used so far: ``{"requests", "input_tokens", "output_tokens",
     "cost_usd"}`` (None when no agent call was counted)."""
+
+
+class Evaluation(BaseModel):
+    """A judge's score of one step output (shadow evaluation), as stored in ``evaluations``.
+
+    >>> Evaluation(run_id="r1", step_name="answer", step_path=[2], score=0.9).score
+    0.9
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    eval_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    """The evaluation's id."""
+    run_id: str
+    """The run whose step was scored."""
+    step_name: str
+    """The step that was scored."""
+    step_path: list[int | str]
+    """Where the step ran in the run (``[index]`` for a top-level step)."""
+    score: float = Field(allow_inf_nan=False)
+    """The judge's score (0 to 1 for flujo's default judge)."""
+    reasoning: str = ""
+    """Why, in the judge's words (scrubbed when PII scrubbing is on)."""
+    judge: str = ""
+    """Which judge scored it (its name or model)."""
+    usage: Usage = NO_USAGE
+    """What the judge's own calls used (not counted in the run's usage or limits)."""
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    """When the score was written."""
+
+    @field_validator("usage", mode="before")
+    @classmethod
+    def _usage(cls, value: Any) -> Any:
+        if value is None or isinstance(value, dict):
+            return Usage.from_dict(value)
+        return value

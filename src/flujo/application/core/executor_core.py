@@ -15,6 +15,7 @@ from flujo.exceptions import RUN_STOPPERS, StepTimeoutError, UsageLimitExceededE
 
 if TYPE_CHECKING:
     from flujo.application.core.frame import Frame, Path
+    from flujo.application.shadow import ShadowEvaluator
     from flujo.domain.step import Step
 
 __all__ = ["ExecutorCore"]
@@ -35,11 +36,13 @@ class ExecutorCore:
     that retries continues from the sub-steps it already recorded.
     """
 
-    __slots__ = ("_missing", "state_providers")
+    __slots__ = ("_missing", "shadow", "state_providers")
 
     def __init__(self, *, state_providers: Mapping[str, Any] | None = None) -> None:
         self.state_providers: dict[str, Any] = dict(state_providers or {})
         self._missing: set[str] = set()  # providers already warned about
+        self.shadow: ShadowEvaluator | None = None
+        """Scores agent steps' outputs in the background (shadow evaluation), when on."""
 
     async def execute(
         self,
@@ -97,6 +100,9 @@ class ExecutorCore:
             _CURRENT.reset(token)
         if step_meter.usage is not NO_USAGE:
             result.usage = step_meter.usage
+        if self.shadow is not None and result.success and step.agent is not None:
+            run_id = getattr(context, "run_id", "")
+            self.shadow.submit(run_id, step.name, path or (index,), data, result.output)
         return result
 
     async def _execute(

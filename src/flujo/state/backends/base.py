@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
@@ -43,6 +43,9 @@ from flujo.state.serialization import (
     Serializer,
     active_scrubber,
 )
+
+if TYPE_CHECKING:
+    from flujo.state.models import Evaluation
 
 __all__ = [
     "MAX_RUN_ID_LENGTH",
@@ -313,6 +316,22 @@ class StateBackend(ABC):
     async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
         """Delete runs last updated before ``updated_before`` (of ``status``); return how many."""
         raise NotImplementedError(f"{type(self).__name__} does not delete runs in bulk")
+
+    async def save_evaluation(self, evaluation: Evaluation) -> None:
+        """Store a shadow evaluation's score (the ``evaluations`` table)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store evaluations")
+
+    async def list_evaluations(
+        self,
+        *,
+        run_id: str | None = None,
+        step_name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Evaluation]:
+        """Stored evaluations, newest first, filtered by run, step name and creation time."""
+        raise NotImplementedError(f"{type(self).__name__} does not store evaluations")
 
     async def write_checkpoint(self, checkpoint: Checkpoint) -> int:
         """Apply ``checkpoint`` atomically; return the new version.

@@ -18,6 +18,7 @@ from flujo.state.backends.base import (
     metadata_filter_items,
     validate_run_id,
 )
+from flujo.state.models import Evaluation
 
 __all__ = ["InMemoryBackend"]
 
@@ -39,6 +40,7 @@ class InMemoryBackend(StateBackend):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._runs: dict[str, StoredRun] = {}
+        self._evaluations: list[Evaluation] = []
         self._lock = threading.Lock()
 
     async def write_checkpoint(self, checkpoint: Checkpoint) -> int:
@@ -70,6 +72,7 @@ class InMemoryBackend(StateBackend):
         validate_run_id(run_id)
         with self._lock:
             self._runs.pop(run_id, None)
+            self._evaluations = [e for e in self._evaluations if e.run_id != run_id]
 
     async def list_runs(
         self,
@@ -105,4 +108,36 @@ class InMemoryBackend(StateBackend):
             ]
             for run_id in doomed:
                 del self._runs[run_id]
+            gone = set(doomed)
+            self._evaluations = [e for e in self._evaluations if e.run_id not in gone]
         return len(doomed)
+
+    async def save_evaluation(self, evaluation: Evaluation) -> None:
+        """Keep a shadow evaluation's score."""
+        validate_run_id(evaluation.run_id)
+        with self._lock:
+            self._evaluations.append(evaluation)
+
+    async def list_evaluations(
+        self,
+        *,
+        run_id: str | None = None,
+        step_name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Evaluation]:
+        """Kept evaluations, newest first."""
+        if run_id is not None:
+            validate_run_id(run_id)
+        with self._lock:
+            found = [
+                e
+                for e in self._evaluations
+                if (run_id is None or e.run_id == run_id)
+                and (step_name is None or e.step_name == step_name)
+                and (since is None or e.created_at >= since)
+            ]
+        found.sort(key=lambda e: (e.created_at, e.eval_id), reverse=True)
+        start = max(int(offset), 0)
+        return found[start : start + max(int(limit), 0)]

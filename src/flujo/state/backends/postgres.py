@@ -50,6 +50,7 @@ from flujo.state.backends.base import (
     to_datetime,
     validate_run_id,
 )
+from flujo.state.models import Evaluation
 from flujo.state.uri import redact_uri
 
 if TYPE_CHECKING:
@@ -102,6 +103,19 @@ MIGRATIONS: tuple[str, ...] = (
         value bytea NOT NULL,
         created_at double precision NOT NULL
     );
+    CREATE TABLE flujo_evaluations (
+        eval_id text PRIMARY KEY,
+        run_id text NOT NULL,
+        step_name text NOT NULL,
+        step_path json NOT NULL,
+        score double precision NOT NULL,
+        reasoning text NOT NULL,
+        judge text NOT NULL,
+        usage json,
+        created_at double precision NOT NULL
+    );
+    CREATE INDEX flujo_evaluations_run ON flujo_evaluations (run_id, created_at DESC);
+    CREATE INDEX flujo_evaluations_created ON flujo_evaluations (created_at DESC, eval_id DESC);
     """,
 )
 
@@ -178,12 +192,24 @@ SELECT pipeline_id, pipeline_name, pipeline_version, step_names, initial_input, 
 FROM flujo_runs r WHERE run_id = $1
 """
 
+# A run's state (a whole-state save replaces it) ...
 _DELETE_WHERE = """
 WITH doomed AS (DELETE FROM flujo_runs WHERE {where} RETURNING run_id),
 fields AS (DELETE FROM flujo_run_context WHERE run_id IN (SELECT run_id FROM doomed)),
 steps AS (DELETE FROM flujo_run_steps WHERE run_id IN (SELECT run_id FROM doomed))
 SELECT count(*) FROM doomed
 """
+# ... and everything deleted with a run (its evaluations too).
+_DELETE_RUNS_WHERE = """
+WITH doomed AS (DELETE FROM flujo_runs WHERE {where} RETURNING run_id),
+fields AS (DELETE FROM flujo_run_context WHERE run_id IN (SELECT run_id FROM doomed)),
+steps AS (DELETE FROM flujo_run_steps WHERE run_id IN (SELECT run_id FROM doomed)),
+scores AS (DELETE FROM flujo_evaluations WHERE run_id IN (SELECT run_id FROM doomed))
+SELECT count(*) FROM doomed
+"""
+_EVALUATION_COLUMNS = (
+    "eval_id, run_id, step_name, step_path, score, reasoning, judge, usage, created_at"
+)
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -574,7 +600,10 @@ class PostgresBackend(StateBackend):
         validate_run_id(run_id)
         with _errors(self.dsn, run_id):
             pool = await self._get_pool()
-            await pool.fetchval(_DELETE_WHERE.format(where="run_id = $1"), run_id)
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.fetchval(_DELETE_RUNS_WHERE.format(where="run_id = $1"), run_id)
+                # evaluations written for a run that is not (or no longer) stored
+                await conn.execute("DELETE FROM flujo_evaluations WHERE run_id = $1", run_id)
 
     async def delete_runs(self, *, updated_before: datetime, status: str | None = None) -> int:
         """Delete runs last updated before ``updated_before`` (of ``status``), atomically."""
@@ -584,7 +613,7 @@ class PostgresBackend(StateBackend):
             params.append(status)
         with _errors(self.dsn, None):
             pool = await self._get_pool()
-            return int(await pool.fetchval(_DELETE_WHERE.format(where=where), *params))
+            return int(await pool.fetchval(_DELETE_RUNS_WHERE.format(where=where), *params))
 
     # -- the step cache (CacheStep's PostgresCache) ----------------------------------------------
 
@@ -607,6 +636,80 @@ class PostgresBackend(StateBackend):
                 value,
                 now(),
             )
+
+    # -- shadow evaluations ----------------------------------------------------------------------
+
+    async def save_evaluation(self, evaluation: Evaluation) -> None:
+        """Store a shadow evaluation's score in ``flujo_evaluations``."""
+        validate_run_id(evaluation.run_id)
+        path = self.serializer.dumps(evaluation.step_path, "step_path")
+        if _holds_nul(evaluation.step_name, evaluation.reasoning, evaluation.judge, path):
+            raise SerializationError(
+                "an evaluation's text cannot hold a NUL character on Postgres", path="evaluation"
+            )
+        with _errors(self.dsn, evaluation.run_id):
+            pool = await self._get_pool()
+            await pool.execute(
+                f"INSERT INTO flujo_evaluations ({_EVALUATION_COLUMNS}) "  # noqa: S608 - fixed names
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                evaluation.eval_id,
+                evaluation.run_id,
+                evaluation.step_name,
+                path,
+                evaluation.score,
+                evaluation.reasoning,
+                evaluation.judge,
+                orjson.dumps(evaluation.usage.to_dict()) if evaluation.usage else None,
+                epoch(evaluation.created_at),
+            )
+
+    async def list_evaluations(
+        self,
+        *,
+        run_id: str | None = None,
+        step_name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Evaluation]:
+        """Stored evaluations, newest first; every value is a bound parameter."""
+        if run_id is not None:
+            validate_run_id(run_id)
+        if _holds_nul(step_name):
+            return []
+        clauses: list[str] = []
+        params: list[Any] = []
+
+        def bind(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        if run_id is not None:
+            clauses.append(f"run_id = {bind(run_id)}")
+        if step_name is not None:
+            clauses.append(f"step_name = {bind(step_name)}")
+        if since is not None:
+            clauses.append(f"created_at >= {bind(epoch(since))}")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        page = f"LIMIT {bind(max(int(limit), 0))} OFFSET {bind(max(int(offset), 0))}"
+        sql = f"SELECT {_EVALUATION_COLUMNS} FROM flujo_evaluations {where} ORDER BY created_at DESC, eval_id DESC {page}"  # noqa: S608, E501 - fixed fragments, bound values
+        with _errors(self.dsn, run_id):
+            pool = await self._get_pool()
+            rows = await pool.fetch(sql, *params)
+        return [
+            Evaluation(
+                eval_id=row[0],
+                run_id=row[1],
+                step_name=row[2],
+                step_path=orjson.loads(row[3]),
+                score=row[4],
+                reasoning=row[5],
+                judge=row[6],
+                usage=None if row[7] is None else orjson.loads(row[7]),
+                created_at=to_datetime(row[8]),
+            )
+            for row in rows
+        ]
 
     # -- reads -----------------------------------------------------------------------------------
 

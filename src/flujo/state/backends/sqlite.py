@@ -38,6 +38,7 @@ from flujo.state.backends.base import (
     to_datetime,
     validate_run_id,
 )
+from flujo.state.models import Evaluation
 
 __all__ = ["MIGRATIONS", "SQLiteBackend"]
 
@@ -94,10 +95,26 @@ MIGRATIONS: tuple[str, ...] = (
         value BLOB NOT NULL,
         created_at REAL NOT NULL
     );
+    CREATE TABLE evaluations (
+        eval_id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        step_name TEXT NOT NULL,
+        step_path BLOB NOT NULL,
+        score REAL NOT NULL,
+        reasoning TEXT NOT NULL,
+        judge TEXT NOT NULL,
+        usage BLOB,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX evaluations_run ON evaluations (run_id, created_at);
+    CREATE INDEX evaluations_created ON evaluations (created_at, eval_id);
     """,
 )
 
-_TABLES = ("run_context", "run_steps", "run_metadata", "runs")  # a run's rows, runs last
+# A run's state rows, runs last (a whole-state save replaces these), and everything deleted
+# with a run (its evaluations too).
+_STATE_TABLES = ("run_context", "run_steps", "run_metadata", "runs")
+_TABLES = ("run_context", "run_steps", "run_metadata", "evaluations", "runs")
 _SUMMARY_COLUMNS = (
     "r.run_id, r.pipeline_id, r.pipeline_name, r.pipeline_version, r.status, "
     "r.current_step_index, r.version, r.created_at, r.updated_at, r.metadata, r.error, r.usage"
@@ -125,6 +142,9 @@ _UPDATE_RUN_SAME_STATUS = (
 _UPSERT_CONTEXT = (
     "INSERT INTO run_context (run_id, field, value) VALUES (?, ?, ?) "
     "ON CONFLICT (run_id, field) DO UPDATE SET value = excluded.value"
+)
+_EVALUATION_COLUMNS = (
+    "eval_id, run_id, step_name, step_path, score, reasoning, judge, usage, created_at"
 )
 _INSERT_STEP = "INSERT INTO run_steps (run_id, seq, record) VALUES (?, ?, ?)"
 _INSERT_METADATA = "INSERT INTO run_metadata (run_id, key, value, created_at) VALUES (?, ?, ?, ?)"
@@ -280,7 +300,7 @@ class SQLiteBackend(StateBackend):
             check_version(cp, stored)
             version = cp.new_version(stored or 0)
             if cp.replace and stored is not None:
-                for table in _TABLES:
+                for table in _STATE_TABLES:
                     conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))  # noqa: S608 - fixed names
                 stored = None
             if stored is None:
@@ -516,6 +536,61 @@ class SQLiteBackend(StateBackend):
                 (key, value, now()),
             )
 
+    # -- shadow evaluations ----------------------------------------------------------------------
+
+    async def save_evaluation(self, evaluation: Evaluation) -> None:
+        """Store a shadow evaluation's score in ``evaluations``."""
+        validate_run_id(evaluation.run_id)
+        row = (
+            evaluation.eval_id,
+            evaluation.run_id,
+            evaluation.step_name,
+            self.serializer.dumps(evaluation.step_path, "step_path"),
+            evaluation.score,
+            evaluation.reasoning,
+            evaluation.judge,
+            orjson.dumps(evaluation.usage.to_dict()) if evaluation.usage else None,
+            epoch(evaluation.created_at),
+        )
+        with self._lock, _Transaction(self, evaluation.run_id) as conn:
+            conn.execute(
+                f"INSERT INTO evaluations ({_EVALUATION_COLUMNS}) "  # noqa: S608 - fixed names
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+    async def list_evaluations(
+        self,
+        *,
+        run_id: str | None = None,
+        step_name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Evaluation]:
+        """Stored evaluations, newest first; every value is a bound parameter."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if run_id is not None:
+            clauses.append("run_id = ?")
+            params.append(validate_run_id(run_id))
+        if step_name is not None:
+            clauses.append("step_name = ?")
+            params.append(step_name)
+        if since is not None:
+            clauses.append("created_at >= ?")
+            params.append(epoch(since))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params += [max(int(limit), 0), max(int(offset), 0)]
+        order = "ORDER BY created_at DESC, eval_id DESC LIMIT ? OFFSET ?"
+        sql = f"SELECT {_EVALUATION_COLUMNS} FROM evaluations {where} {order}"  # noqa: S608 - fixed fragments, bound values
+        with self._lock:
+            try:
+                rows = self._connection().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path, run_id) from exc
+        return [_evaluation(row) for row in rows]
+
     async def aclose(self) -> None:
         """Close the database connection (it reopens on next use)."""
         with self._lock:
@@ -598,6 +673,22 @@ def _summary(row: Any) -> dict[str, Any]:
         "error": None if error is None else orjson.loads(_blob(error)),
         "usage": None if usage is None else orjson.loads(_blob(usage)),
     }
+
+
+def _evaluation(row: Any) -> Evaluation:
+    """An evaluation from a row of the evaluations table."""
+    eval_id, run_id, step_name, path, score, reasoning, judge, usage, created = row
+    return Evaluation(
+        eval_id=eval_id,
+        run_id=run_id,
+        step_name=step_name,
+        step_path=orjson.loads(_blob(path)),
+        score=score,
+        reasoning=reasoning,
+        judge=judge,
+        usage=None if usage is None else orjson.loads(_blob(usage)),
+        created_at=to_datetime(created),
+    )
 
 
 def _blob(value: Any) -> bytes:
