@@ -776,6 +776,13 @@ def runs_show_command(
     grid.add_row("created", _when(detail.created_at) + " UTC")
     grid.add_row("updated", _when(detail.updated_at) + " UTC")
     grid.add_row("metadata", Text(_to_json(detail.metadata, indent=False)))
+    if detail.usage:
+        used = detail.usage
+        grid.add_row(
+            "usage",
+            f"{used.requests} requests, {used.input_tokens:,} input + {used.output_tokens:,} "
+            f"output tokens, ${used.cost_usd:.4f}",
+        )
     if detail.error:
         error = detail.error
         step = f" (step {error.get('step')!r})" if error.get("step") else ""

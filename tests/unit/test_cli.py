@@ -885,3 +885,30 @@ def test_import_flujo_does_not_load_the_cli(tmp_path: Path) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_runs_show_usage(workdir: Path) -> None:
+    from flujo import Flujo, Step, Usage
+    from flujo.domain.usage import report_usage
+    from flujo.state import SQLiteBackend
+
+    class Agent:
+        async def run(self, data: str) -> str:
+            report_usage(Usage(requests=2, input_tokens=1200, output_tokens=300, cost_usd=0.0125))
+            return data
+
+    backend = SQLiteBackend(workdir / "runs.db")
+    Flujo(Step("ask", agent=Agent()), state_backend=backend).run("q", run_id="with-usage")
+    result = invoke("runs", "show", "with-usage")
+    assert_ok(result)
+    assert "2 requests, 1,200 input + 300 output tokens, $0.0125" in result.stdout
+    detail = json.loads(invoke("runs", "show", "with-usage", "--json").stdout)
+    assert detail["usage"] == {
+        "requests": 2,
+        "input_tokens": 1200,
+        "output_tokens": 300,
+        "cost_usd": 0.0125,
+    }
+    assert detail["step_history"][0]["usage"]["requests"] == 2
+    [listed] = list_json()
+    assert listed["usage"]["cost_usd"] == 0.0125
