@@ -41,7 +41,6 @@ from flujo.domain.usage import Usage, check_usage_limits, current_step_meter, re
 from flujo.exceptions import (
     ConfigurationError,
     StructuredOutputError,
-    UsageLimitExceededError,
 )
 from flujo.state.serialization import flujo_default_serializer
 
@@ -63,10 +62,9 @@ try:
         VideoUrl,
         capture_run_messages,
     )
-    from pydantic_ai import UsageLimits as _PydanticAIUsageLimits
     from pydantic_ai.agent import AbstractAgent
     from pydantic_ai.capabilities import AbstractCapability
-    from pydantic_ai.exceptions import ModelRetry, UnexpectedModelBehavior, UsageLimitExceeded
+    from pydantic_ai.exceptions import ModelRetry, UnexpectedModelBehavior
 
     _IMPORT_ERROR = None
 except ImportError as _exc:  # pragma: no cover - exercised by a subprocess test
@@ -79,6 +77,7 @@ if TYPE_CHECKING:
         WrapOutputValidateHandler,
     )
     from pydantic_ai.messages import ModelMessage
+    from pydantic_ai.models import ModelRequestContext
     from pydantic_ai.output import OutputContext
     from pydantic_ai.tools import RunContext, ToolDefinition
 
@@ -571,6 +570,16 @@ if _IMPORT_ERROR is None:
         """Per-run pydantic-ai hooks: the tool allowlist and tolerant output parsing."""
 
         coercion_level: int
+        budget: Callable[[RunUsage], None] | None = None
+
+        async def before_model_request(
+            self, ctx: RunContext[Any], request_context: ModelRequestContext
+        ) -> ModelRequestContext:
+            # The first request was checked before the agent run started; a further one (after
+            # tool calls, or an output retry) starts only while the run is below its limits.
+            if self.budget is not None and ctx.usage.requests:
+                self.budget(ctx.usage)
+            return request_context
 
         async def before_tool_execute(
             self,
@@ -801,15 +810,16 @@ class PydanticAIAgent:
         spec, text_mode = self._output_spec()
         level = self.coercion_level
         meter = current_step_meter()
-        limits = None
-        if meter is not None:
-            requests_left, tokens_left = meter.run.remaining()
-            if requests_left is not None or tokens_left is not None:
-                default = _PydanticAIUsageLimits()
-                limits = _PydanticAIUsageLimits(
-                    request_limit=default.request_limit if requests_left is None else requests_left,
-                    total_tokens_limit=tokens_left,
-                )
+        budget = None
+        if meter is not None and meter.run.limits is not None:
+            run_meter = meter.run
+
+            def budget(used: RunUsage) -> None:
+                # Before each further request of this agent run: the run's usage, with what
+                # this agent run used so far, must still be below every limit.
+                cost = self._cost(used, ())
+                run_meter.check(Usage(used.requests, used.input_tokens, used.output_tokens, cost))
+
         usage = RunUsage()
         messages: list[ModelMessage] = []
         try:
@@ -820,9 +830,8 @@ class PydanticAIAgent:
                         output_type=spec,
                         deps=deps,
                         usage=usage,
-                        usage_limits=limits,
                         instructions=self._text_instructions() if text_mode else None,
-                        capabilities=[_FlujoHooks(level)],
+                        capabilities=[_FlujoHooks(level, budget)],
                     )
                     output = result.output
                 except UnexpectedModelBehavior as exc:
@@ -836,14 +845,6 @@ class PydanticAIAgent:
                     except StructuredOutputError as error:
                         raise error from exc
                     text_mode = False
-        except UsageLimitExceeded as exc:
-            self._report(usage, messages)
-            if meter is not None:
-                try:
-                    meter.run.check()
-                except UsageLimitExceededError as error:  # a limit of the flujo run
-                    raise error from exc
-            raise  # pydantic-ai's own request limit (50 by default)
         except BaseException:
             self._report(usage, messages)
             raise
@@ -909,6 +910,12 @@ class PydanticAIAgent:
     def _report(self, usage: RunUsage, messages: Sequence[ModelMessage]) -> None:
         if not (usage.requests or usage.input_tokens or usage.output_tokens):
             return
+        cost = self._cost(usage, messages)
+        report_usage(Usage(usage.requests, usage.input_tokens, usage.output_tokens, cost))
+
+    def _cost(self, usage: RunUsage, messages: Sequence[ModelMessage]) -> float:
+        """What ``usage`` of this agent's model costs (named from ``messages`` when the
+        model was chosen per run)."""
         model_name = self.model_name
         if model_name is None:  # the model was chosen per run: name it from its responses
             for message in reversed(messages):
@@ -918,15 +925,11 @@ class PydanticAIAgent:
                         f"{provider}:{message.model_name}" if provider else message.model_name
                     )
                     break
-        cost = 0.0
-        if model_name is not None or self.pricing is not None:
-            cost = price_of(
-                model_name or self.name,
-                usage.input_tokens,
-                usage.output_tokens,
-                pricing=self.pricing,
-            )
-        report_usage(Usage(usage.requests, usage.input_tokens, usage.output_tokens, cost))
+        if model_name is None and self.pricing is None:
+            return 0.0
+        return price_of(
+            model_name or self.name, usage.input_tokens, usage.output_tokens, pricing=self.pricing
+        )
 
 
 def _warn_once(key: str, message: str, *args: Any) -> None:

@@ -33,6 +33,14 @@ STEP_EXAMPLES = {
 
 # examples/<name>.py shown on a page of docs/ -> (the page, lines its output must contain).
 PAGE_EXAMPLES = {
+    "agents_demo.py": (
+        "agents.md",
+        "trip-1: completed\n  plan     ok     Trip(city='Lisbon', days=3)\n",
+        "  postcard ok     'Greetings from Lisbon: 3 days of sun!'\n",
+        "trip-2: UsageLimitExceededError (request_limit)\n  run failed at step 'postcard'\n",
+        "  resumed with the same budget: stopped again\n  postcard requests: 0\n",
+        "  resumed with request_limit=5: completed, 'Greetings from Lisbon: 3 days of sun!'\n",
+    ),
     "human_in_the_loop.py": (
         "human-in-the-loop.md",
         "status: paused, at step 'approve'\nProcess 2 answers it:\n",
@@ -249,6 +257,46 @@ def test_human_in_the_loop_example_answers_once_from_another_process(tmp_path: P
     assert state["pipeline_name"] == "blog_post"
     assert state["metadata"] == {"author": "ana"}
     assert state["pipeline_context"]["title"] == "Five reasons to try sourdough"
+
+
+@pytest.mark.slow
+def test_agents_demo_counts_usage_across_the_resumed_attempts(tmp_path: Path) -> None:
+    out = run_page_example("agents_demo.py", tmp_path).stdout
+    first, second = out.split("\ntrip-2: ")
+    assert first.startswith("trip-1: completed\n")
+    totals = re.findall(r"  run total: (Usage\(.*\))\n", out)
+    assert len(totals) == 2
+    # trip-2 needed two attempts (stopped, then resumed) and used what trip-1 used in one
+    assert totals[0] == totals[1]
+    assert "requests=3," in totals[0]
+    assert "cost_usd=0.0" in totals[0]  # priced: a cost shows
+    assert "cost_usd=0.0)" not in totals[0]
+    assert second.count("postcard requests: 0") == 2
+    # the store lived in a temporary directory: nothing in the working directory
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_budgets_page_snippets_print_what_the_page_shows(tmp_path: Path) -> None:
+    """docs/budgets.md's Python blocks, run in order as one program: every output the page
+    shows (a comment line of its own in a block) is printed, in that order."""
+    blocks = [text for language, text in fenced_blocks(DOCS / "budgets.md") if language == "python"]
+    program = "\n".join(blocks)
+    shown = re.findall(r"^# (.+)$", program, flags=re.MULTILINE)
+    assert len(shown) >= 5
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.splitlines()
+    positions = [printed.index(line) for line in shown]
+    assert positions == sorted(positions)
 
 
 @pytest.mark.slow

@@ -207,12 +207,13 @@ class RunMeter:
         with self._lock:
             self.total = self.total + usage
 
-    def check(self) -> None:
-        """Raise UsageLimitExceededError if the run has reached one of its limits."""
+    def check(self, pending: Usage | None = None) -> None:
+        """Raise UsageLimitExceededError if the run has reached one of its limits (counting
+        ``pending``: usage of a call in progress, not reported yet)."""
         limits = self.limits
         if limits is None:
             return
-        total = self.total
+        total = self.total if pending is None else self.total + pending
         limit = limits.reached(total)
         if limit is not None:
             raise UsageLimitExceededError(
@@ -223,21 +224,6 @@ class RunMeter:
                 limits=limits,
                 limit=limit,
             )
-
-    def remaining(self) -> tuple[int | None, int | None]:
-        """Requests and tokens left before a limit (None: unlimited), for agents that can stop
-        themselves mid-way (a pydantic-ai run making several requests)."""
-        limits = self.limits
-        if limits is None:
-            return None, None
-        total = self.total
-        requests = None
-        if limits.request_limit is not None:
-            requests = max(limits.request_limit - total.requests, 0)
-        tokens = None
-        if limits.total_tokens_limit is not None:
-            tokens = max(limits.total_tokens_limit - total.total_tokens, 0)
-        return requests, tokens
 
 
 class StepMeter:
