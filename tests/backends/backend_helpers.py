@@ -132,9 +132,20 @@ def sample_state(run_id: str, **overrides: Any) -> dict[str, Any]:
         "error": None,
         "initial_input": {"url": "https://example.com/data.csv"},
         "usage": {"requests": 3, "input_tokens": 120, "output_tokens": 45, "cost_usd": 0.0012},
+        **NOT_QUEUED,
     }
     state.update(overrides)
     return state
+
+
+#: The queue fields of a run that was never queued (as every backend reports them).
+NOT_QUEUED: dict[str, Any] = {
+    "queue": None,
+    "priority": 0,
+    "locked_by": None,
+    "lease_expires_at": None,
+    "cancel_requested": False,
+}
 
 
 def run_header(

@@ -21,6 +21,7 @@ import pytest
 from backend_helpers import (
     CREATED,
     HOSTILE_RUN_IDS,
+    NOT_QUEUED,
     T0,
     UPDATED,
     BackendFactory,
@@ -307,6 +308,7 @@ async def test_list_runs_summaries(backend: StateBackend) -> None:
         "metadata": {"run": "r-newest", "pipeline": "report"},
         "error": FAILURE,
         "usage": {"requests": 3, "input_tokens": 120, "output_tokens": 45, "cost_usd": 0.0012},
+        **NOT_QUEUED,
     }
     assert runs[1]["error"] is None
     assert runs[1]["metadata"] == {"run": "r-new", "pipeline": "report"}
@@ -503,6 +505,7 @@ async def test_first_checkpoint_creates_the_run(backend: StateBackend) -> None:
         "error": None,
         "metadata": {},
         "usage": None,
+        **NOT_QUEUED,
         "pipeline_context": {"run_id": "run-1", "scratchpad": {}, "count": 0},
         "step_history": [step_record(0, "load", [1, 2])],
     }

@@ -124,6 +124,8 @@ async def test_migrate_is_idempotent_and_reports_what_it_applied(
         "flujo_schema_version",
         "flujo_cache",
         "flujo_evaluations",
+        "flujo_queues",
+        "flujo_workers",
     }
     rows = await _sql(postgres_dsn, postgres_schema, "SELECT version FROM flujo_schema_version")
     assert [row["version"] for row in rows] == [1]

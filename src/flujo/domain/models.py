@@ -24,7 +24,7 @@ __all__ = [
 
 #: The states a run can be in. ``running`` also describes a run whose process died: resuming
 #: it continues from its last checkpoint.
-RunStatus = Literal["running", "paused", "completed", "failed", "cancelled"]
+RunStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
 
 
 class PipelineContext(BaseModel):

@@ -37,8 +37,9 @@ class WorkflowState(BaseModel):
     """The typed context, as JSON data (one entry per field)."""
     last_step_output: Any | None = None
     """The newest completed step's output (the next step's input), as JSON data."""
-    status: Literal["running", "paused", "completed", "failed", "cancelled"]
-    """Where the run stands; a ``running`` run whose process died is resumed by its id."""
+    status: Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
+    """Where the run stands; a ``running`` run whose process died is resumed by its id; a
+    ``queued`` one waits for a worker."""
     created_at: datetime
     """When the run's first checkpoint was written."""
     updated_at: datetime
@@ -58,6 +59,16 @@ class WorkflowState(BaseModel):
     usage: dict[str, Any] | None = None
     """What the run's agent calls used so far: ``{"requests", "input_tokens", "output_tokens",
     "cost_usd"}`` (None when no agent call was counted)."""
+    queue: str | None = None
+    """The queue of a run submitted to workers (None for a run started in-process)."""
+    priority: int = 0
+    """Higher runs first among a queue's queued runs."""
+    locked_by: str | None = None
+    """The worker holding the run's lease, while one does."""
+    lease_expires_at: datetime | None = None
+    """When that lease runs out unless the worker renews it."""
+    cancel_requested: bool = False
+    """Set by ``TaskClient.cancel`` on a running run: it stops at its next step boundary."""
 
 
 class Evaluation(BaseModel):

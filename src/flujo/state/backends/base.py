@@ -19,11 +19,12 @@ correct for a single process but not atomic across processes.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 
 from flujo.exceptions import (
+    ConfigurationError,
     CorruptStateError,
     InvalidMetadataError,
     InvalidRunIdError,
@@ -75,12 +77,35 @@ SUMMARY_FIELDS = (
     "metadata",
     "error",
     "usage",
+    "queue",
+    "priority",
+    "locked_by",
+    "lease_expires_at",
+    "cancel_requested",
 )
 
 MAX_METADATA_KEY_LENGTH = 64
 _METADATA_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 #: JSON types a metadata filter may compare against.
 MetadataValue = str | int | float | bool | None
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def validate_queue_name(queue: object) -> str:
+    """Return ``queue`` if it can name a queue: 1-64 of ``A-Z a-z 0-9 _ . -``, not starting
+    with ``.`` or ``-``.
+
+    >>> validate_queue_name("default")
+    'default'
+    """
+    if not isinstance(queue, str) or _QUEUE_NAME.fullmatch(queue) is None:
+        raise ConfigurationError(
+            f"invalid queue name {queue!r}: use 1-64 letters, digits, '_', '.' or '-', not "
+            "starting with '.' or '-'"
+        )
+    return queue
 
 
 def validate_metadata_key(key: object) -> str:
@@ -216,6 +241,10 @@ class RunHeader:
     """Seconds since the Unix epoch."""
     metadata: bytes = b"{}"
     """JSON object of the run's metadata (keys checked by :func:`validate_metadata_key`)."""
+    queue: str | None = None
+    """The queue a queued run waits in for a worker (None: a run that is not queued)."""
+    priority: int = 0
+    """Higher runs first among the queued runs of a queue."""
 
 
 @dataclass(slots=True)
@@ -317,6 +346,97 @@ class StateBackend(ABC):
         """Delete runs last updated before ``updated_before`` (of ``status``); return how many."""
         raise NotImplementedError(f"{type(self).__name__} does not delete runs in bulk")
 
+    # -- queues and workers (SQLite and Postgres) ---------------------------------------------
+    #
+    # A queued run has a ``queue``; a worker claims it (status ``running``, ``locked_by``, a
+    # lease until ``lease_expires_at``, and one more ``version``, so a worker that lost the
+    # run can no longer checkpoint it), renews the lease while it works, and releases it.
+
+    supports_queues: ClassVar[bool] = False
+    """Whether this backend can queue runs for workers."""
+
+    async def claim_runs(
+        self,
+        *,
+        worker_id: str,
+        queues: Sequence[str],
+        limit: int,
+        lease_s: float,
+        pipelines: Collection[str] | None = None,
+    ) -> list[str]:
+        """Claim up to ``limit`` runs of ``queues`` (highest priority, then oldest first):
+        queued runs, and running runs whose lease expired. ``pipelines`` (``"name@version"``)
+        restricts the claim to runs of those pipeline versions. Per-queue concurrency limits
+        (:meth:`set_queue_limit`) hold across all workers. Returns the claimed run ids."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def renew_leases(
+        self, *, worker_id: str, run_ids: Sequence[str], lease_s: float
+    ) -> dict[str, bool]:
+        """Extend the leases ``worker_id`` still holds among ``run_ids``: returns, for each run
+        still held, whether its cancellation was requested (a run missing was lost)."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def release_runs(self, *, worker_id: str, run_ids: Sequence[str]) -> None:
+        """Give up the leases ``worker_id`` holds on ``run_ids`` (a running run becomes
+        claimable at once)."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def requeue_run(
+        self, run_id: str, *, queue: str | None = None, priority: int | None = None
+    ) -> bool:
+        """Put a failed (or running but unleased) run back in its queue (or ``queue``);
+        False if the run is not there or in another state."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def request_cancel(self, run_id: str) -> str | None:
+        """Cancel a run: a queued or paused one at once (status ``cancelled``); a running one
+        is flagged and stops at its next step boundary. Returns the run's status after the
+        request (``cancelled``, ``running``, or the finished status), None for no such run."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def set_queue_limit(self, queue: str, limit: int | None) -> None:
+        """At most ``limit`` runs of ``queue`` run at once, across all workers (None: no
+        limit)."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def queue_limits(self) -> dict[str, int]:
+        """The concurrency limit of each queue that has one."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def next_lease_expiry(self, queues: Sequence[str]) -> float | None:
+        """When the earliest lease of a running run of ``queues`` expires (store clock, epoch
+        seconds), or None: a worker waits until then to take over a dead worker's runs."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def store_time(self) -> float:
+        """The store's clock (epoch seconds): leases are measured on it, not on each host's."""
+        return now()
+
+    async def register_worker(self, worker_id: str, info: Mapping[str, Any]) -> None:
+        """Record (or refresh) a live worker: its queues, pipelines, concurrency, host."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker that stopped."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        """Registered workers: ``worker_id``, ``info``, ``started_at``, ``heartbeat_at``."""
+        raise NotImplementedError(f"{type(self).__name__} does not queue runs")
+
+    async def notify_work(self, queue: str) -> None:  # noqa: B027 - optional: others poll
+        """Wake the workers waiting on ``queue`` (a run was queued or released)."""
+
+    async def notify_cancel(self, run_id: str) -> None:  # noqa: B027 - optional: others poll
+        """Tell the worker running ``run_id`` that its cancellation was requested."""
+
+    async def wait_for_work(self, timeout_s: float) -> set[str]:
+        """Wait until work may be waiting (a notification) or ``timeout_s`` passed; returns
+        the run ids whose cancellation was announced meanwhile."""
+        await asyncio.sleep(timeout_s)
+        return set()
+
     async def save_evaluation(self, evaluation: Evaluation) -> None:
         """Store a shadow evaluation's score (the ``evaluations`` table)."""
         raise NotImplementedError(f"{type(self).__name__} does not store evaluations")
@@ -400,6 +520,8 @@ def apply_to_dict(
             initial_input=loads(header.initial_input),
             created_at=to_datetime(header.created_at),
             metadata=loads(header.metadata),
+            queue=header.queue,
+            priority=header.priority,
         )
     stored_version = 0 if current is None else int(current.get("version", 0))
     context = dict(state.get("pipeline_context") or {})
@@ -443,6 +565,8 @@ def checkpoint_from_state(run_id: str, state: dict[str, Any], serializer: Serial
             initial_input=dumps(state.get("initial_input"), "initial_input"),
             created_at=_epoch(state.get("created_at"), current),
             metadata=_metadata(state.get("metadata"), dumps),
+            queue=None if state.get("queue") is None else str(state["queue"]),
+            priority=int(state.get("priority") or 0),
         )
         error = state.get("error")
         usage = state.get("usage")
@@ -546,6 +670,11 @@ class StoredRun:
     steps: list[bytes]
     metadata: bytes = b"{}"
     usage: bytes | None = None
+    queue: str | None = None
+    priority: int = 0
+    locked_by: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
 
     @classmethod
     def create(cls, checkpoint: Checkpoint) -> StoredRun:
@@ -571,6 +700,8 @@ class StoredRun:
             steps=list(checkpoint.steps),
             metadata=header.metadata,
             usage=_usage(checkpoint.usage),
+            queue=header.queue,
+            priority=header.priority,
         )
 
     def apply(self, checkpoint: Checkpoint) -> None:
@@ -587,6 +718,8 @@ class StoredRun:
             self.initial_input = header.initial_input
             self.created_at = header.created_at
             self.metadata = header.metadata
+            self.queue = header.queue
+            self.priority = header.priority
         self.status = checkpoint.status
         self.current_step_index = checkpoint.current_step_index
         self.updated_at = checkpoint.updated_at
@@ -623,6 +756,13 @@ class StoredRun:
             "version": self.version,
             "created_at": to_datetime(self.created_at),
             "updated_at": to_datetime(self.updated_at),
+            "queue": self.queue,
+            "priority": self.priority,
+            "locked_by": self.locked_by,
+            "lease_expires_at": (
+                None if self.lease_expires_at is None else to_datetime(self.lease_expires_at)
+            ),
+            "cancel_requested": self.cancel_requested,
         }
 
     def to_state(self, serializer: Serializer) -> dict[str, Any]:

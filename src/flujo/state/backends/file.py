@@ -257,6 +257,8 @@ def _render(run: StoredRun, token: str) -> bytes:
             "version": run.version,
             "created_at": run.created_at,
             "updated_at": run.updated_at,
+            "queue": run.queue,
+            "priority": run.priority,
         }
     )
     context = b",".join(orjson.dumps(name) + b":" + value for name, value in run.context.items())
@@ -330,6 +332,12 @@ def _parse(data: bytes, run_id: str, path: Path) -> dict[str, Any]:
         raise bad("metadata is not an object")
     if state.setdefault("usage", None) is not None and not isinstance(state["usage"], dict):
         raise bad("usage is not an object")
+    if state.setdefault("queue", None) is not None and not isinstance(state["queue"], str):
+        raise bad("queue is not a string")
+    priority = state.setdefault("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise bad("priority is not an integer")
+    state.update(locked_by=None, lease_expires_at=None, cancel_requested=False)
     state["created_at"] = to_datetime(state["created_at"])
     state["updated_at"] = to_datetime(state["updated_at"])
     return state
@@ -356,6 +364,8 @@ def _stored(run_id: str, state: dict[str, Any]) -> StoredRun:
         steps=[dumps(record) for record in state["step_history"]],
         metadata=dumps(state["metadata"]),
         usage=None if state.get("usage") is None else dumps(state["usage"]),
+        queue=state["queue"],
+        priority=state["priority"],
     )
 
 

@@ -79,8 +79,17 @@ MIGRATIONS: tuple[str, ...] = (
         error json,
         usage json,
         created_at double precision NOT NULL,
-        updated_at double precision NOT NULL
+        updated_at double precision NOT NULL,
+        queue text,
+        priority integer NOT NULL DEFAULT 0,
+        locked_by text,
+        lease_expires_at double precision,
+        cancel_requested boolean NOT NULL DEFAULT false
     ) WITH (fillfactor = 70);
+    CREATE INDEX flujo_runs_queued ON flujo_runs (queue, priority DESC, created_at, run_id)
+        WHERE status = 'queued';
+    CREATE INDEX flujo_runs_leased ON flujo_runs (queue, lease_expires_at)
+        WHERE status = 'running' AND locked_by IS NOT NULL;
     CREATE INDEX flujo_runs_created ON flujo_runs (created_at DESC, run_id DESC);
     CREATE INDEX flujo_runs_status_created ON flujo_runs (status, created_at DESC, run_id DESC);
     CREATE INDEX flujo_runs_pipeline_created
@@ -116,6 +125,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX flujo_evaluations_run ON flujo_evaluations (run_id, created_at DESC);
     CREATE INDEX flujo_evaluations_created ON flujo_evaluations (created_at DESC, eval_id DESC);
+    CREATE TABLE flujo_queues (
+        queue text PRIMARY KEY,
+        concurrency_limit integer
+    );
+    CREATE TABLE flujo_workers (
+        worker_id text PRIMARY KEY,
+        info json NOT NULL,
+        started_at double precision NOT NULL,
+        heartbeat_at double precision NOT NULL
+    );
     """,
 )
 
@@ -124,7 +143,8 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 _SUMMARY_COLUMNS = (
     "run_id, pipeline_id, pipeline_name, pipeline_version, status, current_step_index, "
-    "version, created_at, updated_at, metadata, error, usage"
+    "version, created_at, updated_at, metadata, error, usage, queue, priority, locked_by, "
+    "lease_expires_at, cancel_requested"
 )
 
 # The common checkpoint: one step record appended, no context field changed.
@@ -167,8 +187,8 @@ _CREATE = """
 WITH run AS (
     INSERT INTO flujo_runs (run_id, pipeline_id, pipeline_name, pipeline_version, step_names,
         initial_input, metadata, created_at, status, current_step_index, updated_at, version,
-        last_step_output, error, usage)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $19)
+        last_step_output, error, usage, queue, priority)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $19, $20, $21)
     ON CONFLICT (run_id) DO NOTHING
     RETURNING run_id
 ), steps AS (
@@ -186,6 +206,7 @@ SELECT count(*) FROM run
 _LOAD = """
 SELECT pipeline_id, pipeline_name, pipeline_version, step_names, initial_input, created_at,
     status, current_step_index, updated_at, version, last_step_output, error, metadata, usage,
+    queue, priority, locked_by, lease_expires_at, cancel_requested,
     ARRAY(SELECT field FROM flujo_run_context c WHERE c.run_id = r.run_id ORDER BY field),
     ARRAY(SELECT value FROM flujo_run_context c WHERE c.run_id = r.run_id ORDER BY field),
     ARRAY(SELECT record FROM flujo_run_steps s WHERE s.run_id = r.run_id ORDER BY seq)
@@ -738,8 +759,13 @@ class PostgresBackend(StateBackend):
                 error=row[11],
                 metadata=row[12],
                 usage=None if row[13] is None or row[13] == b"null" else row[13],
-                context=dict(zip(row[14], row[15], strict=True)),
-                steps=list(row[16]),
+                queue=row[14],
+                priority=int(row[15]),
+                locked_by=row[16],
+                lease_expires_at=None if row[17] is None else float(row[17]),
+                cancel_requested=bool(row[18]),
+                context=dict(zip(row[19], row[20], strict=True)),
+                steps=list(row[21]),
             )
         except (TypeError, ValueError) as exc:
             raise CorruptStateError(
@@ -806,6 +832,11 @@ class PostgresBackend(StateBackend):
                         "metadata": orjson.loads(row[9]),
                         "error": None if row[10] is None else orjson.loads(row[10]),
                         "usage": None if row[11] is None else orjson.loads(row[11]),
+                        "queue": row[12],
+                        "priority": int(row[13]),
+                        "locked_by": row[14],
+                        "lease_expires_at": None if row[15] is None else to_datetime(row[15]),
+                        "cancel_requested": bool(row[16]),
                     }
                 )
             except (TypeError, ValueError) as exc:
@@ -871,6 +902,8 @@ def _create_args(cp: Checkpoint, version: int) -> tuple[Any, ...]:
         list(cp.context),
         list(cp.context.values()),
         None if cp.usage == b"null" else cp.usage,
+        header.queue,
+        header.priority,
     )
 
 

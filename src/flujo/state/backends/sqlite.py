@@ -65,8 +65,17 @@ MIGRATIONS: tuple[str, ...] = (
         error BLOB,
         usage BLOB,
         created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        queue TEXT,
+        priority INTEGER NOT NULL DEFAULT 0,
+        locked_by TEXT,
+        lease_expires_at REAL,
+        cancel_requested INTEGER NOT NULL DEFAULT 0
     );
+    CREATE INDEX runs_queued ON runs (queue, priority DESC, created_at, run_id)
+        WHERE status = 'queued';
+    CREATE INDEX runs_leased ON runs (queue, lease_expires_at)
+        WHERE status = 'running' AND locked_by IS NOT NULL;
     CREATE INDEX runs_created ON runs (created_at, run_id);
     CREATE INDEX runs_status_created ON runs (status, created_at, run_id);
     CREATE INDEX runs_updated ON runs (updated_at);
@@ -108,6 +117,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX evaluations_run ON evaluations (run_id, created_at);
     CREATE INDEX evaluations_created ON evaluations (created_at, eval_id);
+    CREATE TABLE flujo_queues (
+        queue TEXT PRIMARY KEY,
+        concurrency_limit INTEGER
+    );
+    CREATE TABLE flujo_workers (
+        worker_id TEXT PRIMARY KEY,
+        info BLOB NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL
+    );
     """,
 )
 
@@ -117,16 +136,19 @@ _STATE_TABLES = ("run_context", "run_steps", "run_metadata", "runs")
 _TABLES = ("run_context", "run_steps", "run_metadata", "evaluations", "runs")
 _SUMMARY_COLUMNS = (
     "r.run_id, r.pipeline_id, r.pipeline_name, r.pipeline_version, r.status, "
-    "r.current_step_index, r.version, r.created_at, r.updated_at, r.metadata, r.error, r.usage"
+    "r.current_step_index, r.version, r.created_at, r.updated_at, r.metadata, r.error, r.usage, "
+    "r.queue, r.priority, r.locked_by, r.lease_expires_at, r.cancel_requested"
 )
 _RUN_COLUMNS = (
     "pipeline_id, pipeline_name, pipeline_version, step_names, initial_input, created_at, "
-    "status, current_step_index, updated_at, version, last_step_output, error, metadata, usage"
+    "status, current_step_index, updated_at, version, last_step_output, error, metadata, usage, "
+    "queue, priority, locked_by, lease_expires_at, cancel_requested"
 )
 _INSERT_RUN = (
     "INSERT INTO runs (run_id, pipeline_id, pipeline_name, pipeline_version, step_names, "
     "initial_input, metadata, created_at, status, current_step_index, updated_at, version, "
-    "last_step_output, error, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "last_step_output, error, usage, queue, priority) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_RUN = (
     "UPDATE runs SET status = ?, current_step_index = ?, updated_at = ?, version = ?, "
@@ -365,6 +387,8 @@ class SQLiteBackend(StateBackend):
                 cp.last_step_output or b"null",
                 cp.error,
                 None if cp.usage == b"null" else cp.usage,
+                header.queue,
+                header.priority,
             ),
         )
         if header.metadata != b"{}":
@@ -457,6 +481,11 @@ class SQLiteBackend(StateBackend):
                 error=None if row[11] is None else _blob(row[11]),
                 metadata=_blob(row[12]),
                 usage=None if row[13] is None or row[13] == b"null" else _blob(row[13]),
+                queue=row[14],
+                priority=int(row[15]),
+                locked_by=row[16],
+                lease_expires_at=None if row[17] is None else float(row[17]),
+                cancel_requested=bool(row[18]),
                 context={str(name): _blob(value) for name, value in context},
                 steps=[_blob(record) for (record,) in steps],
             )
@@ -649,7 +678,8 @@ def _list_query(
 def _summary(row: Any) -> dict[str, Any]:
     """A run summary from a row of _SUMMARY_COLUMNS, checked."""
     (run_id, pipeline_id, pipeline_name, pipeline_version, status, index, version) = row[:7]
-    created, updated, metadata, error, usage = row[7:]
+    created, updated, metadata, error, usage = row[7:12]
+    queue, priority, locked_by, lease, cancel = row[12:]
     for name, value in (("status", status), ("pipeline_name", pipeline_name)):
         if not isinstance(value, str):
             raise ValueError(f"{name} is not text")
@@ -672,6 +702,11 @@ def _summary(row: Any) -> dict[str, Any]:
         "metadata": orjson.loads(_blob(metadata)),
         "error": None if error is None else orjson.loads(_blob(error)),
         "usage": None if usage is None else orjson.loads(_blob(usage)),
+        "queue": queue,
+        "priority": int(priority),
+        "locked_by": locked_by,
+        "lease_expires_at": None if lease is None else to_datetime(float(lease)),
+        "cancel_requested": bool(cancel),
     }
 
 
