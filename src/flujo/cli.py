@@ -1086,6 +1086,102 @@ def _resume_with_registry(
     return asyncio.run(work())
 
 
+# -- flujo worker ----------------------------------------------------------------------------------
+
+
+@app.command("worker")
+def worker_command(
+    queue: Annotated[
+        list[str] | None,
+        typer.Option("--queue", "-q", help="A queue to take runs from (repeat for more)."),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Runs at once in this process.")
+    ] = 8,
+    app_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            metavar="MODULE:REGISTRY",
+            help="The PipelineRegistry whose pipelines this worker runs (default: app setting).",
+        ),
+    ] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option("--lease", min=0.1, help="Lease seconds (default: worker_lease_s)."),
+    ] = None,
+    heartbeat: Annotated[
+        float | None,
+        typer.Option("--heartbeat", min=0.05, help="Renewal seconds (worker_heartbeat_s)."),
+    ] = None,
+    grace: Annotated[
+        float,
+        typer.Option("--grace", min=0, help="Seconds running runs get to finish on SIGTERM."),
+    ] = 30.0,
+) -> None:
+    """Run queued runs and background tasks from the store until SIGTERM (or Ctrl-C)."""
+    from flujo.worker import Worker  # noqa: PLC0415
+
+    spec = app_spec or _settings().app
+    if not spec:
+        raise CliError(
+            "no pipelines to run: pass --app MODULE:REGISTRY, or set FLUJO_APP (or app in the "
+            "settings table of flujo.toml)",
+            EXIT_USAGE,
+        )
+    registry = _load_object(spec, what="app")
+    if not isinstance(registry, PipelineRegistry):
+        raise _wrong_type(spec, registry, "a PipelineRegistry")
+    backend = _backend()
+    worker = Worker(
+        registry,
+        state_backend=backend,
+        queues=queue or ["default"],
+        concurrency=concurrency,
+        lease_s=lease,
+        heartbeat_s=heartbeat,
+        grace_s=grace,
+    )
+    console = Console(stderr=True, highlight=False)
+    console.print(
+        Text(
+            f"worker {worker.worker_id}: queues {', '.join(worker.queues)}; "
+            f"{len(worker.pipelines)} pipeline version(s); store {_store_name()}"
+        )
+    )
+
+    async def work() -> None:
+        try:
+            await worker.run(install_signal_handlers=True)
+        finally:
+            await backend.aclose()
+
+    asyncio.run(work())
+    console.print(Text(f"worker {worker.worker_id} stopped after {worker.completed} run(s)"))
+
+
+@runs_app.command("cancel")
+def runs_cancel_command(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run to cancel.")],
+) -> None:
+    """Cancel a run: a queued one never starts; a running one stops at its next step."""
+    validate_run_id(run_id)
+    backend = _backend()
+
+    async def work() -> str:
+        try:
+            return await TaskClient(backend).cancel(run_id)
+        finally:
+            await backend.aclose()
+
+    status = asyncio.run(work())
+    message = {
+        "cancelled": f"Run {run_id} is cancelled.",
+        "running": f"Run {run_id} will stop at its next step boundary.",
+    }.get(status, f"Run {run_id} is already {status}; nothing to cancel.")
+    _console().print(Text(message))
+
+
 # -- flujo config show -----------------------------------------------------------------------------
 
 

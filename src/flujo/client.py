@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flujo.application.background import KIND, PARENT, STEP
 from flujo.domain.models import StepResult, build_history
 from flujo.domain.usage import NO_USAGE, Usage
 from flujo.exceptions import (
@@ -24,12 +25,13 @@ from flujo.exceptions import (
 from flujo.state.backends.base import MetadataValue, StateBackend, validate_run_id
 
 if TYPE_CHECKING:
+    from flujo.application.runner import Flujo
     from flujo.domain.interfaces import StateProvider
     from flujo.domain.models import PipelineResult
     from flujo.domain.pipeline import PipelineRegistry
     from flujo.state.models import Evaluation
 
-__all__ = ["TaskClient", "TaskDetail", "TaskSummary"]
+__all__ = ["BackgroundTask", "TaskClient", "TaskDetail", "TaskSummary"]
 
 
 class TaskSummary(BaseModel):
@@ -51,6 +53,13 @@ class TaskSummary(BaseModel):
     ``"path"`` for a pause)."""
     usage: Usage = NO_USAGE
     """What the run's agent calls used so far (requests, tokens, cost)."""
+    queue: str | None = None
+    """The queue of a run submitted to workers (None for an in-process run)."""
+    priority: int = 0
+    locked_by: str | None = None
+    """The worker running it, while one holds its lease."""
+    lease_expires_at: datetime | None = None
+    cancel_requested: bool = False
 
     @field_validator("usage", mode="before")
     @classmethod
@@ -74,6 +83,27 @@ class TaskSummary(BaseModel):
             return None
         message = self.error.get("message")
         return message if isinstance(message, str) else None
+
+
+class BackgroundTask(TaskSummary):
+    """A background step's task (a run of its own), as listed."""
+
+    @property
+    def task_id(self) -> str:
+        """The task's id (its run id)."""
+        return self.run_id
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The run whose background step launched it."""
+        value = self.metadata.get(PARENT)
+        return value if isinstance(value, str) else None
+
+    @property
+    def step_name(self) -> str | None:
+        """The background step it runs."""
+        value = self.metadata.get(STEP)
+        return value if isinstance(value, str) else None
 
 
 class TaskDetail(TaskSummary):
@@ -162,6 +192,11 @@ class TaskClient:
             metadata=state.get("metadata") or {},
             error=state.get("error"),
             usage=state.get("usage"),
+            queue=state.get("queue"),
+            priority=state.get("priority") or 0,
+            locked_by=state.get("locked_by"),
+            lease_expires_at=state.get("lease_expires_at"),
+            cancel_requested=bool(state.get("cancel_requested")),
             step_names=state.get("step_names") or [],
             context=state.get("pipeline_context") or {},
             step_history=build_history(state.get("step_history") or []),
@@ -188,29 +223,11 @@ class TaskClient:
         :class:`~flujo.exceptions.PipelineMismatchError` when that version is not in the
         registry or its steps changed.
         """
-        from flujo.application.runner import Flujo  # noqa: PLC0415
-
         validate_run_id(run_id)
-        if self.registry is None:
-            raise ConfigurationError("TaskClient needs a registry= to resume runs")
         state = await self.backend.load_state(run_id)
         if state is None:
             raise RunNotFoundError(f"no run {run_id!r} in the store", run_id=run_id)
-        name, version = state["pipeline_name"], state["pipeline_version"]
-        if self.registry.get(name, version) is None:
-            raise PipelineMismatchError(
-                f"run {run_id!r} was started on pipeline {name!r} version {version!r}, which is "
-                "not in this TaskClient's registry",
-                run_id=run_id,
-            )
-        runner: Flujo[Any, Any, Any] = Flujo(
-            registry=self.registry,
-            pipeline_name=name,
-            pipeline_version=version,
-            context_model=self.registry.get_context_model(name, version),
-            state_backend=self.backend,
-            state_providers=self.state_providers,
-        )
+        runner = self._runner(state["pipeline_name"], state["pipeline_version"], run_id)
         if state["status"] == "paused":
             return await runner.resume_async(run_id, input, paused_at=paused_at)
         if input is not None or paused_at is not None:
@@ -222,6 +239,129 @@ class TaskClient:
                 actual_version=int(state["version"]),
             )
         return await runner.run_async(input, run_id=run_id)
+
+    def _runner(self, name: str, version: str, run_id: str | None) -> Flujo[Any, Any, Any]:
+        """A runner of pipeline ``name`` ``version`` from the registry, on this store."""
+        from flujo.application.runner import Flujo  # noqa: PLC0415
+
+        if self.registry is None:
+            raise ConfigurationError("TaskClient needs a registry= to run pipelines")
+        if version == "latest":
+            version = self.registry.get_latest_version(name) or version
+        if self.registry.get(name, version) is None:
+            what = f"run {run_id!r} was started on" if run_id else "there is no"
+            raise PipelineMismatchError(
+                f"{what} pipeline {name!r} version {version!r}, which is not in this "
+                "TaskClient's registry",
+                run_id=run_id or "",
+            )
+        return Flujo(
+            registry=self.registry,
+            pipeline_name=name,
+            pipeline_version=version,
+            context_model=self.registry.get_context_model(name, version),
+            state_backend=self.backend,
+            state_providers=self.state_providers,
+        )
+
+    # -- queues, workers and background tasks -------------------------------------------------
+
+    async def enqueue(
+        self,
+        pipeline_name: str,
+        initial_input: Any,
+        *,
+        version: str = "latest",
+        run_id: str | None = None,
+        initial_context_data: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        queue: str = "default",
+        priority: int = 0,
+    ) -> str:
+        """Queue a new run of a registered pipeline for the workers; return its id.
+
+        >>> await client.enqueue("report", {"month": "2026-10"}, priority=5)  # doctest: +SKIP
+        """
+        runner = self._runner(pipeline_name, version, None)
+        return await runner.submit(
+            initial_input,
+            run_id=run_id,
+            initial_context_data=initial_context_data,
+            metadata=metadata,
+            queue=queue,
+            priority=priority,
+        )
+
+    async def cancel(self, run_id: str) -> str:
+        """Cancel a run. A queued (or paused) run is cancelled at once and never starts; a
+        running one stops at its next step boundary (status ``cancelled``). Returns the run's
+        status after the request: ``cancelled``, ``running`` (it will stop), or the status
+        it had already finished with. Raises RunNotFoundError for an unknown id."""
+        validate_run_id(run_id)
+        status = await self.backend.request_cancel(run_id)
+        if status is None:
+            raise RunNotFoundError(f"no run {run_id!r} in the store", run_id=run_id)
+        if status == "running":
+            await self.backend.notify_cancel(run_id)
+        return status
+
+    async def get_failed_background_tasks(
+        self,
+        *,
+        parent_run_id: str | None = None,
+        step_name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[BackgroundTask]:
+        """Background tasks that failed, newest first (of one parent run, one step name,
+        created since a time)."""
+        wanted: dict[str, MetadataValue] = {KIND: "background"}
+        if parent_run_id is not None:
+            wanted[PARENT] = validate_run_id(parent_run_id)
+        if step_name is not None:
+            wanted[STEP] = step_name
+        rows = await self.backend.list_runs(
+            status="failed", metadata_filter=wanted, since=since, limit=limit
+        )
+        return [BackgroundTask.model_validate(row) for row in rows]
+
+    async def resume_background_task(
+        self, task_id: str, *, requeue: bool = False
+    ) -> PipelineResult[Any, Any] | None:
+        """Retry a background task from its last checkpoint: here (needs a registry; returns
+        its result), or, with ``requeue=True``, by handing it back to the workers (returns
+        None; a task that is neither failed nor abandoned raises StateConflictError)."""
+        validate_run_id(task_id)
+        state = await self.backend.load_state(task_id)
+        if state is None or (state.get("metadata") or {}).get(KIND) != "background":
+            raise RunNotFoundError(f"no background task {task_id!r} in the store", run_id=task_id)
+        if requeue:
+            if not await self.backend.requeue_run(task_id):
+                raise StateConflictError(
+                    f"background task {task_id!r} is {state['status']}: only a failed (or "
+                    "abandoned) task is requeued",
+                    run_id=task_id,
+                    expected_version=int(state["version"]),
+                    actual_version=int(state["version"]),
+                )
+            await self.backend.notify_work(state.get("queue") or "default")
+            return None
+        runner = self._runner(state["pipeline_name"], state["pipeline_version"], task_id)
+        return await runner.run_async(None, run_id=task_id)
+
+    async def set_queue_limit(self, queue: str, limit: int | None) -> None:
+        """At most ``limit`` runs of ``queue`` run at once, across every worker (None: no
+        limit)."""
+        await self.backend.set_queue_limit(queue, limit)
+
+    async def queue_limits(self) -> dict[str, int]:
+        """The concurrency limit of each queue that has one."""
+        return await self.backend.queue_limits()
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        """The workers registered on this store (``worker_id``, ``info``, ``started_at``,
+        ``heartbeat_at``), most recently seen first."""
+        return await self.backend.list_workers()
 
     async def list_evaluations(
         self,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -78,7 +78,16 @@ class FlujoSettings(BaseSettings):
     postgres_pool_max: int = Field(10, ge=1)
     """Most connections the Postgres pool opens."""
     app: str | None = None
-    """``module:attribute`` naming a PipelineRegistry (or a pipeline), used by ``flujo resume``."""
+    """``module:attribute`` naming a PipelineRegistry (or a pipeline), used by ``flujo resume``
+    and ``flujo worker``."""
+    background_mode: Literal["local", "queue"] = "local"
+    """Where background steps' tasks run: on the launching runner's event loop, or queued for
+    workers."""
+    worker_lease_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    """How long a worker's claim on a run lasts unless renewed; a dead worker's runs are taken
+    over once it expires."""
+    worker_heartbeat_s: float = Field(10.0, gt=0, allow_inf_nan=False)
+    """How often a worker renews its leases (and notices cancellations)."""
 
     @field_validator("postgres_pool_min", "postgres_pool_max", mode="before")
     @classmethod
@@ -185,6 +194,14 @@ def load_settings(**overrides: Any) -> FlujoSettings:
             f"setting 'postgres_pool_min' ({settings.postgres_pool_min}, from "
             f"{sources['postgres_pool_min']}) is larger than 'postgres_pool_max' "
             f"({settings.postgres_pool_max}, from {sources['postgres_pool_max']})"
+        )
+    if settings.worker_heartbeat_s >= settings.worker_lease_s:
+        sources = setting_sources(data)
+        raise ConfigurationError(
+            f"setting 'worker_heartbeat_s' ({settings.worker_heartbeat_s:g}, from "
+            f"{sources['worker_heartbeat_s']}) must be shorter than 'worker_lease_s' "
+            f"({settings.worker_lease_s:g}, from {sources['worker_lease_s']}): a lease would "
+            "expire before it is renewed"
         )
     return settings
 

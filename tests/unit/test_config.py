@@ -110,6 +110,9 @@ def test_environment_wins_over_the_file(monkeypatch: pytest.MonkeyPatch) -> None
         "postgres_pool_min": "flujo.toml ([settings] postgres_pool_min)",
         "postgres_pool_max": "environment (FLUJO_POSTGRES_POOL_MAX)",
         "app": "environment (FLUJO_APP)",
+        "background_mode": "default",
+        "worker_lease_s": "default",
+        "worker_heartbeat_s": "default",
     }
 
 

@@ -10,14 +10,16 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, cast
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, Literal, cast
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypeVar
 
+from flujo.application.background import KIND, PATH, background_pipeline, drain
 from flujo.application.core.executor_core import references
 from flujo.application.core.factories import ExecutorFactory
 from flujo.application.core.frame import Frame, Path, Recorded, RunScope, typed_output
@@ -56,16 +58,24 @@ from flujo.state.backends.base import (
     encode_metadata,
     now,
     validate_metadata_key,
+    validate_queue_name,
     validate_run_id,
 )
 from flujo.state.models import WorkflowState
 
 if TYPE_CHECKING:
+    from flujo.application.background import BackgroundLauncher
     from flujo.application.shadow import ShadowEvalConfig, ShadowEvaluator
+    from flujo.client import BackgroundTask
 
 __all__ = ["Flujo"]
 
 logger = logging.getLogger("flujo.runner")
+
+#: How long ``aclose()`` lets background tasks run before cancelling them (they are durable:
+#: a cancelled one resumes from its last checkpoint).
+_BACKGROUND_GRACE_S = 30.0
+_CANCELLED = "cancelled by request"
 
 
 InT = TypeVar("InT", default=Any)
@@ -89,6 +99,12 @@ class _Run(Generic[CtxT]):
     """What composite steps recorded of the step in progress (on resume)."""
     meter: RunMeter = field(default_factory=RunMeter)
     """The run's usage (earlier processes' included) and its limits."""
+    version: str = ""
+    """The pipeline version the run runs on."""
+    queue: str | None = None
+    """The queue of a run submitted to workers."""
+    cancel_requested: bool = False
+    """Its cancellation was asked (TaskClient.cancel): it stops before its next step."""
 
 
 class Flujo(Generic[InT, OutT, CtxT]):
@@ -127,6 +143,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         executor_factory: ExecutorFactory | None = None,
         usage_limits: UsageLimits | None = None,
         shadow_eval: ShadowEvalConfig | None = None,
+        background_mode: Literal["local", "queue"] | None = None,
     ) -> None:
         self._pipeline = None if pipeline is None else Pipeline.coerce(pipeline)
         if self._pipeline is None and (registry is None or not pipeline_name):
@@ -151,6 +168,10 @@ class Flujo(Generic[InT, OutT, CtxT]):
             )
         if pipeline_version != "latest":
             parse_version(pipeline_version)
+        if background_mode not in (None, "local", "queue"):
+            raise ConfigurationError(
+                f"background_mode must be 'local' or 'queue', got {background_mode!r}"
+            )
         if usage_limits is not None and not isinstance(usage_limits, UsageLimits):
             raise ConfigurationError(
                 f"usage_limits must be a UsageLimits, got {type(usage_limits).__name__}"
@@ -183,6 +204,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
             checked = ExecutorFactory(state_providers=state_providers).state_providers
             self._executor.state_providers.update(checked)
         self.state_providers = dict(self._executor.state_providers)
+        self.background_mode = background_mode
+        """Where background steps' tasks run: ``"local"`` (on this runner's event loop) or
+        ``"queue"`` (for workers); None: the ``background_mode`` setting (default local)."""
+        self._background: set[asyncio.Task[Any]] = set()
+        self._children: dict[tuple[str, tuple[int | str, ...]], Pipeline[Any, Any]] = {}
         self._shadow: ShadowEvaluator | None = None
         if shadow_eval is None and os.environ.get("FLUJO_SHADOW_EVAL_ENABLED"):
             from flujo.application.shadow import shadow_config_from_env  # noqa: PLC0415
@@ -225,6 +251,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
                     metadata=metadata,
                 )
             finally:
+                if self._background:  # background steps' tasks run to their end
+                    await drain(self._background, None)
                 if self._shadow is not None:  # scores still being written (bounded wait)
                     await self._shadow.drain()
                 # This event loop ends with the call: release what the store bound to it
@@ -386,10 +414,101 @@ class Flujo(Generic[InT, OutT, CtxT]):
     async def aclose(self) -> None:
         """Wait for pending shadow evaluations (up to their timeout), then release the state
         backend (including one passed in) and anything it holds."""
+        if self._background:  # durable: what is cut short is resumed later
+            await drain(self._background, _BACKGROUND_GRACE_S)
         if self._shadow is not None:
             await self._shadow.drain()
         if self.state_backend is not None:
             await self.state_backend.aclose()
+
+    # -- queued runs and background tasks --------------------------------------------------------
+
+    async def submit(
+        self,
+        initial_input: InT,
+        *,
+        run_id: str | None = None,
+        initial_context_data: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        queue: str = "default",
+        priority: int = 0,
+    ) -> str:
+        """Store a new run as queued, for a worker (``flujo worker``) to run; return its id.
+
+        Nothing runs here. Higher ``priority`` runs first within ``queue``. A run id that is
+        already stored raises :class:`~flujo.exceptions.StateConflictError`.
+
+        >>> run_id = await runner.submit({"topic": "rivers"}, queue="research")  # doctest: +SKIP
+        """
+        backend = self.state_backend
+        if backend is None or not backend.supports_queues:
+            raise ConfigurationError(
+                "submit needs a store that queues runs (SQLite or Postgres), got "
+                f"{type(backend).__name__ if backend else 'no store (persist_state=False)'}"
+            )
+        validate_queue_name(queue)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigurationError(f"priority must be an int, got {priority!r}")
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+        validate_run_id(run_id)
+        run = self._new_run(
+            run_id, initial_input, initial_context_data, metadata, queue=queue, priority=priority
+        )
+        assert run.manager is not None
+        await run.manager.queued()
+        await backend.notify_work(queue)
+        return run_id
+
+    async def get_failed_background_tasks(
+        self,
+        *,
+        parent_run_id: str | None = None,
+        step_name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[BackgroundTask]:
+        """Background tasks that failed, newest first (of one parent run, one step, since a
+        time)."""
+        from flujo.client import TaskClient  # noqa: PLC0415
+
+        return await TaskClient(self._store()).get_failed_background_tasks(
+            parent_run_id=parent_run_id, step_name=step_name, since=since, limit=limit
+        )
+
+    async def resume_background_task(self, task_id: str) -> PipelineResult[Any, CtxT]:
+        """Run a background task again from its last checkpoint, here, and return its result
+        (a failed task retries its step; a completed one returns its stored result)."""
+        validate_run_id(task_id)
+        stored = await self._store().load_state(task_id)
+        if stored is None or (stored.get("metadata") or {}).get(KIND) != "background":
+            raise RunNotFoundError(f"no background task {task_id!r} in the store", run_id=task_id)
+        result = await self.run_async(cast(InT, None), run_id=task_id)
+        return cast(PipelineResult[Any, CtxT], result)
+
+    def _store(self) -> StateBackend:
+        if self.state_backend is None:
+            raise ConfigurationError("background tasks are stored: this runner has no store")
+        return self.state_backend
+
+    def _spawn_background(self, work: Coroutine[Any, Any, Any], task_id: str) -> None:
+        """Run a background task on this event loop, keeping hold of it until it ends."""
+        task = asyncio.ensure_future(_logged(work, task_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _launcher(self, run: _Run[CtxT]) -> BackgroundLauncher:
+        from flujo.application.background import BackgroundLauncher  # noqa: PLC0415
+
+        return BackgroundLauncher(self, run.run_id, run.version, parent_queue=run.queue)
+
+    def _resolved_background_mode(self) -> Literal["local", "queue"]:
+        """``background_mode``, or the setting of that name (read once)."""
+        if self.background_mode is None:
+            from flujo.config import load_settings  # noqa: PLC0415 - settings on demand
+
+            self.background_mode = load_settings().background_mode
+        return self.background_mode
 
     async def __aenter__(self) -> Flujo[InT, OutT, CtxT]:
         return self
@@ -430,6 +549,9 @@ class Flujo(Generic[InT, OutT, CtxT]):
         initial_input: Any,
         context_data: Mapping[str, Any] | None,
         metadata: Mapping[str, Any] | None,
+        *,
+        queue: str | None = None,
+        priority: int = 0,
     ) -> _Run[CtxT]:
         pipeline, version = self._pipeline_for_new_run()
         data = {**self.initial_context_data, **(context_data or {}), "run_id": run_id}
@@ -457,6 +579,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 initial_input=dumps(initial_input, "initial_input"),
                 created_at=now(),
                 metadata=encode_metadata(metadata, self.state_backend.serializer),
+                queue=queue,
+                priority=priority,
             )
             manager = StateManager(
                 self.state_backend,
@@ -468,7 +592,17 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 meter=meter,
             )
         return _Run(
-            run_id, pipeline, context, initial_input, 0, [], manager, resumed=False, meter=meter
+            run_id,
+            pipeline,
+            context,
+            initial_input,
+            0,
+            [],
+            manager,
+            resumed=False,
+            meter=meter,
+            version=version,
+            queue=queue,
         )
 
     def _pipeline_for_new_run(self) -> tuple[Pipeline[Any, Any], str]:
@@ -509,6 +643,8 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 "register that version to resume the run",
                 run_id=run_id,
             )
+        if state.metadata.get(KIND) == "background":
+            pipeline = self._background_pipeline(pipeline, state)
         if pipeline.step_names != state.step_names:
             raise PipelineMismatchError(
                 f"run {run_id!r} was started on steps {state.step_names}, but pipeline "
@@ -517,6 +653,26 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 run_id=run_id,
             )
         return pipeline
+
+    def _background_pipeline(
+        self, parent: Pipeline[Any, Any], state: WorkflowState
+    ) -> Pipeline[Any, Any]:
+        """The one-step pipeline of a background task: its step of ``parent``."""
+        try:
+            raw = orjson.loads(state.metadata.get(PATH, "null"))
+            path = tuple(raw) if isinstance(raw, list) else ()
+            key = (state.pipeline_version, path)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = background_pipeline(parent, path)
+        except (LookupError, ValueError) as exc:
+            raise PipelineMismatchError(
+                f"background task {state.run_id!r} runs the step at {state.metadata.get(PATH)} of "
+                f"pipeline {state.pipeline_name!r} version {state.pipeline_version!r}, which it "
+                "does not have",
+                run_id=state.run_id,
+            ) from exc
+        return child
 
     def _restore_context(self, state: WorkflowState) -> CtxT:
         try:
@@ -569,7 +725,21 @@ class Flujo(Generic[InT, OutT, CtxT]):
         # it (below) rather than shown under a placeholder.
         history = [r for r in history if r.attempts or r.index != index]
         records = _records_of(state.step_history, index)
-        return _Run(run_id, pipeline, context, data, index, history, manager, True, records, meter)
+        return _Run(
+            run_id,
+            pipeline,
+            context,
+            data,
+            index,
+            history,
+            manager,
+            True,
+            records,
+            meter,
+            state.pipeline_version,
+            state.queue,
+            state.cancel_requested,
+        )
 
     def _stored_result(
         self, state: WorkflowState, history: list[StepResult]
@@ -648,18 +818,26 @@ class Flujo(Generic[InT, OutT, CtxT]):
                 await self._emit(PreRun(run.run_id, data, context, run.resumed))
             except PipelineAbortSignal as signal:
                 final = await self._stop(run, signal, run.start, None)
+        if final is None and run.cancel_requested:  # TaskClient.cancel asked for it
+            final = await self._stop(run, PipelineAbortSignal(_CANCELLED), run.start, None)
         index = run.start
         meter = run.meter
+        launcher: BackgroundLauncher | None = None
         while final is None and index <= last:
             step = steps[index]
             try:
-                if not step.composite:
+                if step.config.execution_mode == "background":
+                    if launcher is None:
+                        launcher = self._launcher(run)
+                    result = await launcher.launch(step, data, context, index, None)
+                elif not step.composite:
                     result = await execute(step, data, context, resources, index, meter=meter)
                 else:
                     if scope is None:
                         scope = RunScope(
                             self._executor, manager, context, resources, run.run_id, run.records
                         )
+                        scope.launcher = launcher = launcher or self._launcher(run)
                     scope.top_index = index
                     frame = Frame(scope, (index,))
                     if not stream:
@@ -913,3 +1091,15 @@ def _records_of(records: list[dict[str, Any]], index: int) -> dict[tuple[Path, s
             StepResult.from_dict(raw), extras
         )
     return found
+
+
+async def _logged(work: Coroutine[Any, Any, Any], task_id: str) -> None:
+    """Run a background task; its failure is stored with it, anything else is logged."""
+    try:
+        result = await work
+    except Exception:
+        logger.exception("background task %s stopped with an error", task_id)
+        return
+    status = getattr(result, "status", None)
+    if status == "failed":
+        logger.warning("background task %s failed: %s", task_id, getattr(result, "error", ""))

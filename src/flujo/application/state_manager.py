@@ -183,6 +183,18 @@ class StateManager:
                 records=[],
             )
 
+    async def queued(self) -> None:
+        """Commit a new run as queued (its header and starting context; nothing ran yet)."""
+        async with self._lock:
+            await self._commit(
+                status="queued",
+                current_step_index=0,
+                last_step_output=None,
+                error=None,
+                context={},
+                records=[],
+            )
+
     def rollback_context(self) -> None:
         """Put the context back as last committed (after a failed step), in place."""
         fields = self._fields

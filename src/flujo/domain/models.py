@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AppResources",
+    "BackgroundLaunched",
     "ContextReference",
     "PipelineContext",
     "PipelineResult",
@@ -137,6 +138,20 @@ class AppResources(BaseModel):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+
+
+class BackgroundLaunched(BaseModel):
+    """The output of a background step: its task was launched (and runs on its own).
+
+    ``task_id`` is the task's run id: ``runner.run_async(None, run_id=task_id)`` (or
+    ``TaskClient.get_task``) finds it; ``queue`` is where it waits for a worker in queue mode.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    queue: str | None = None
+    status: Literal["launched"] = "launched"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import (
     ClassVar,
     Concatenate,
     Generic,
+    Literal,
     ParamSpec,
     Protocol,
     TypeVar,
@@ -62,6 +63,12 @@ class StepConfig:
 
     Set it to ``False`` for cheap functions, or ones bound to the calling thread; they then run
     inline on the event loop (and ``timeout_s`` cannot interrupt them)."""
+    execution_mode: Literal["foreground", "background"] = "foreground"
+    """``"background"``: the step is launched as a durable background task (a run of its own)
+    and the pipeline goes on at once with a :class:`~flujo.BackgroundLaunched` outcome."""
+    queue: str | None = None
+    """The queue a background step's tasks wait in for a worker (default: its run's queue,
+    else ``"default"``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
@@ -84,6 +91,14 @@ class StepConfig:
                 raise ConfigurationError(f"{name} must be a number >= 0, got {value!r}")
         if not isinstance(self.run_in_thread, bool):
             raise ConfigurationError(f"run_in_thread must be a bool, got {self.run_in_thread!r}")
+        if self.execution_mode not in ("foreground", "background"):
+            raise ConfigurationError(
+                f"execution_mode must be 'foreground' or 'background', got {self.execution_mode!r}"
+            )
+        if self.queue is not None:
+            from flujo.state.backends.base import validate_queue_name  # noqa: PLC0415
+
+            validate_queue_name(self.queue)
 
 
 def _config(
@@ -94,6 +109,8 @@ def _config(
     backoff_s: float | None,
     backoff_max_s: float | None,
     run_in_thread: bool | None,
+    execution_mode: str | None = None,
+    queue: str | None = None,
 ) -> StepConfig:
     config = base or StepConfig()
     changes: dict[str, Any] = {
@@ -104,6 +121,8 @@ def _config(
             ("backoff_s", backoff_s),
             ("backoff_max_s", backoff_max_s),
             ("run_in_thread", run_in_thread),
+            ("execution_mode", execution_mode),
+            ("queue", queue),
         )
         if value is not None
     }
@@ -178,6 +197,8 @@ class Step(Generic[InT, OutT]):
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
         run_in_thread: bool | None = None,
+        execution_mode: Literal["foreground", "background"] | None = None,
+        queue: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"a step needs a non-empty name, got {name!r}")
@@ -189,6 +210,8 @@ class Step(Generic[InT, OutT]):
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
             run_in_thread=run_in_thread,
+            execution_mode=execution_mode,
+            queue=queue,
         )
         self._target: Callable[..., Any] | None = None
         self.input_type: Any = Any
@@ -249,6 +272,8 @@ class Step(Generic[InT, OutT]):
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
         run_in_thread: bool | None = None,
+        execution_mode: Literal["foreground", "background"] | None = None,
+        queue: str | None = None,
     ) -> Step[InT, OutT]: ...
 
     @overload
@@ -264,6 +289,8 @@ class Step(Generic[InT, OutT]):
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
         run_in_thread: bool | None = None,
+        execution_mode: Literal["foreground", "background"] | None = None,
+        queue: str | None = None,
     ) -> Step[InT, OutT]: ...
 
     @overload
@@ -279,6 +306,8 @@ class Step(Generic[InT, OutT]):
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
         run_in_thread: bool | None = None,
+        execution_mode: Literal["foreground", "background"] | None = None,
+        queue: str | None = None,
     ) -> Step[Any, OutT]: ...
 
     @classmethod
@@ -293,6 +322,8 @@ class Step(Generic[InT, OutT]):
         backoff_s: float | None = None,
         backoff_max_s: float | None = None,
         run_in_thread: bool | None = None,
+        execution_mode: Literal["foreground", "background"] | None = None,
+        queue: str | None = None,
     ) -> Step[Any, Any]:
         """Make a step from a sync or async function (lambdas included).
 
@@ -314,6 +345,8 @@ class Step(Generic[InT, OutT]):
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
             run_in_thread=run_in_thread,
+            execution_mode=execution_mode,
+            queue=queue,
         )
         new._bind(fn)
         return new
@@ -503,6 +536,8 @@ def step(
     backoff_s: float | None = None,
     backoff_max_s: float | None = None,
     run_in_thread: bool | None = None,
+    execution_mode: Literal["foreground", "background"] | None = None,
+    queue: str | None = None,
 ) -> _StepDecorator: ...
 
 
@@ -517,6 +552,8 @@ def step(
     backoff_s: float | None = None,
     backoff_max_s: float | None = None,
     run_in_thread: bool | None = None,
+    execution_mode: Literal["foreground", "background"] | None = None,
+    queue: str | None = None,
 ) -> Step[Any, Any] | _StepDecorator:
     """Turn a function into a :class:`Step`, bare or with keywords::
 
@@ -538,6 +575,8 @@ def step(
             backoff_s=backoff_s,
             backoff_max_s=backoff_max_s,
             run_in_thread=run_in_thread,
+            execution_mode=execution_mode,
+            queue=queue,
         )
 
     if fn is not None:

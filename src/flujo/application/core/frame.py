@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter
 
-from flujo.domain.models import StepResult
+from flujo.domain.models import BackgroundLaunched, StepResult
 from flujo.domain.usage import count_recorded
 from flujo.exceptions import PausedException
 
 if TYPE_CHECKING:
+    from flujo.application.background import BackgroundLauncher
     from flujo.application.core.executor_core import ExecutorCore
     from flujo.application.state_manager import StateManager
     from flujo.domain.pipeline import Pipeline
@@ -70,6 +71,7 @@ class RunScope:
         "context",
         "events",
         "executor",
+        "launcher",
         "manager",
         "records",
         "resources",
@@ -94,6 +96,8 @@ class RunScope:
         self.records: dict[tuple[Path, str], Recorded] = records or {}
         self.top_index = 0
         self.events: asyncio.Queue[StepResult] | None = None
+        self.launcher: BackgroundLauncher | None = None
+        """Launches the run's background steps."""
 
 
 class Frame:
@@ -172,10 +176,14 @@ class Frame:
             count_recorded(result.usage)
             return result
         frame = self.child(path) if step.composite else None
+        launcher = self.scope.launcher
         try:
-            result = await self.scope.executor.execute(
-                step, data, self.context, self.scope.resources, index, frame, path
-            )
+            if launcher is not None and step.config.execution_mode == "background":
+                result = await launcher.launch(step, data, self.context, index, path)
+            else:
+                result = await self.scope.executor.execute(
+                    step, data, self.context, self.scope.resources, index, frame, path
+                )
         except PausedException as signal:
             if signal.path is None:  # the innermost step that paused names itself
                 signal.path, signal.step_name = path, step.name
@@ -236,7 +244,10 @@ def typed_input(value: Any, step: Step[Any, Any]) -> Any:
 
 def typed_output(value: Any, step: Step[Any, Any]) -> Any:
     """A stored output (JSON data) validated into ``step``'s declared output type, if any."""
-    target = step.output_type
+    if step.config.execution_mode == "background":  # its output is its task, not its value
+        target: Any = BackgroundLaunched
+    else:
+        target = step.output_type
     if target is Any or target is object or target is None:
         return value
     try:

@@ -20,14 +20,16 @@ correct for a single process but not atomic across processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import orjson
 
@@ -247,6 +249,14 @@ class RunHeader:
     """Higher runs first among the queued runs of a queue."""
 
 
+class Claim(NamedTuple):
+    """A run a worker claimed: its id and the pipeline version it runs."""
+
+    run_id: str
+    pipeline_name: str
+    pipeline_version: str
+
+
 @dataclass(slots=True)
 class Checkpoint:
     """One atomic change to a stored run: what changed since ``expected_version``.
@@ -363,11 +373,11 @@ class StateBackend(ABC):
         limit: int,
         lease_s: float,
         pipelines: Collection[str] | None = None,
-    ) -> list[str]:
+    ) -> list[Claim]:
         """Claim up to ``limit`` runs of ``queues`` (highest priority, then oldest first):
         queued runs, and running runs whose lease expired. ``pipelines`` (``"name@version"``)
         restricts the claim to runs of those pipeline versions. Per-queue concurrency limits
-        (:meth:`set_queue_limit`) hold across all workers. Returns the claimed run ids."""
+        (:meth:`set_queue_limit`) hold across all workers. Returns the claimed runs."""
         raise NotImplementedError(f"{type(self).__name__} does not queue runs")
 
     async def renew_leases(
@@ -814,3 +824,67 @@ class StoredRun:
             indexed = dict(metadata_index(self.metadata))
             return all(indexed.get(key) == value for key, value in metadata)
         return True
+
+
+def cancel_error(status: str) -> bytes:
+    """The error a run cancelled by request before it could stop by itself is stored with."""
+    when = "before it started" if status == "queued" else f"while {status}"
+    return orjson.dumps(
+        {"type": "CancelRequested", "message": f"cancelled by request {when}", "step": None}
+    )
+
+
+def check_limit(limit: object) -> int:
+    """A queue's concurrency limit: an int of 0 or more."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ConfigurationError(f"a queue's concurrency limit must be an int >= 0, got {limit!r}")
+    return limit
+
+
+class Wakeup:
+    """Wakes the workers of this process that wait on a store (from any event loop or thread).
+
+    Backends whose store cannot notify other processes use it for their own process; the
+    workers of other processes poll.
+    """
+
+    __slots__ = ("_cancelled", "_lock", "_waiters")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._cancelled: set[str] = set()
+
+    def wake(self, *, cancelled: str | None = None) -> None:
+        """Wake every waiter (noting a run whose cancellation was requested)."""
+        with self._lock:
+            if cancelled is not None:
+                self._cancelled.add(cancelled)
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, future)
+
+    async def wait(self, timeout_s: float) -> set[str]:
+        """Wait for :meth:`wake` or ``timeout_s``; return the cancellations noted since."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            if cancelled:
+                return cancelled
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters = [(lp, f) for lp, f in self._waiters if f is not future]
+                cancelled, self._cancelled = self._cancelled, set()
+        return cancelled
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -21,11 +21,12 @@ and the inserts that depend on it commit together or not at all, in one round tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
@@ -39,15 +40,20 @@ from flujo.exceptions import (
 )
 from flujo.state.backends.base import (
     Checkpoint,
+    Claim,
     MetadataValue,
     StateBackend,
     StoredRun,
+    Wakeup,
+    cancel_error,
+    check_limit,
     check_version,
     checkpoint_from_state,
     epoch,
     metadata_filter_items,
     now,
     to_datetime,
+    validate_queue_name,
     validate_run_id,
 )
 from flujo.state.models import Evaluation
@@ -228,6 +234,60 @@ steps AS (DELETE FROM flujo_run_steps WHERE run_id IN (SELECT run_id FROM doomed
 scores AS (DELETE FROM flujo_evaluations WHERE run_id IN (SELECT run_id FROM doomed))
 SELECT count(*) FROM doomed
 """
+# Leases are measured on the server's clock (extract(epoch FROM clock_timestamp())), never on
+# a host's clock.
+_LEASED_COUNT = (
+    "SELECT count(*) FROM flujo_runs WHERE queue = $1 AND status = 'running' "
+    "AND locked_by IS NOT NULL AND lease_expires_at >= extract(epoch FROM clock_timestamp())"
+)
+# $1 queue, $2 "name@version" list (NULL: any), $3 how many, $4 worker, $5 lease seconds.
+_CLAIM = """
+WITH picked AS (
+    SELECT run_id FROM flujo_runs
+    WHERE queue = $1
+      AND (status = 'queued'
+           OR (status = 'running' AND locked_by IS NOT NULL
+               AND lease_expires_at < extract(epoch FROM clock_timestamp())))
+      AND ($2::text[] IS NULL OR pipeline_name || '@' || pipeline_version = ANY($2::text[]))
+    ORDER BY priority DESC, created_at, run_id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE flujo_runs r
+SET status = 'running', locked_by = $4,
+    lease_expires_at = extract(epoch FROM clock_timestamp()) + $5,
+    version = r.version + 1, updated_at = extract(epoch FROM clock_timestamp())
+FROM picked WHERE r.run_id = picked.run_id
+RETURNING r.run_id, r.pipeline_name, r.pipeline_version
+"""
+# A released run that was still running goes back to its queue, one version on (whatever of
+# it still runs in the releasing process can no longer checkpoint). Returns the queues.
+_RELEASE = """
+UPDATE flujo_runs
+SET locked_by = NULL, lease_expires_at = NULL,
+    version = CASE WHEN status = 'running' THEN version + 1 ELSE version END,
+    status = CASE WHEN status = 'running' THEN 'queued' ELSE status END
+WHERE run_id = ANY($1) AND locked_by = $2
+RETURNING queue
+"""
+_REQUEUE = """
+UPDATE flujo_runs
+SET status = 'queued', queue = COALESCE($2, queue), priority = COALESCE($3, priority),
+    locked_by = NULL, lease_expires_at = NULL, cancel_requested = false,
+    version = version + 1, updated_at = extract(epoch FROM clock_timestamp())
+WHERE run_id = $1 AND COALESCE($2, queue) IS NOT NULL
+  AND (status = 'failed'
+       OR (status = 'running'
+           AND (locked_by IS NULL OR lease_expires_at < extract(epoch FROM clock_timestamp()))))
+RETURNING queue
+"""
+_CANCEL_NOW = """
+UPDATE flujo_runs
+SET status = 'cancelled', cancel_requested = true, error = $2,
+    updated_at = extract(epoch FROM clock_timestamp()),
+    locked_by = NULL, lease_expires_at = NULL, version = version + 1
+WHERE run_id = $1
+"""
 _EVALUATION_COLUMNS = (
     "eval_id, run_id, step_name, step_path, score, reasoning, judge, usage, created_at"
 )
@@ -300,6 +360,9 @@ class PostgresBackend(StateBackend):
         # that a run's steady stream of checkpoints skips the pool's acquire/release dance.
         self._lane: asyncpg.Connection | None = None
         self._lane_busy = False
+        # Workers: a connection that LISTENs for queued work and cancellations.
+        self._listener: asyncpg.Connection | None = None
+        self._wakeup = Wakeup()
 
     def __repr__(self) -> str:
         return f"PostgresBackend({redact_uri(self.dsn)!r}, schema={self.schema!r})"
@@ -451,6 +514,12 @@ class PostgresBackend(StateBackend):
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        listener, self._listener = self._listener, None
+        if listener is not None and running is loop and not listener.is_closed():
+            with contextlib.suppress(Exception):
+                await listener.close(timeout=5)
+        elif listener is not None:
+            listener.terminate()
         if running is loop:
             lane, self._lane, self._lane_busy = self._lane, None, False
             if lane is not None:
@@ -657,6 +726,244 @@ class PostgresBackend(StateBackend):
                 value,
                 now(),
             )
+
+    # -- queues and workers ----------------------------------------------------------------------
+    # Claims take rows with FOR UPDATE SKIP LOCKED (claimers never wait on each other's rows);
+    # a queue with a concurrency limit is claimed under a lock on its flujo_queues row, so
+    # its count of leased runs holds across workers. Leases are measured on the server's
+    # clock. NOTIFY wakes the workers (LISTEN) when work is queued or a cancellation asked.
+
+    supports_queues: ClassVar[bool] = True
+    notifies_other_processes: ClassVar[bool] = True
+
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel of this store (one per schema)."""
+        return f"flujo_work_{self.schema or 'public'}"
+
+    async def claim_runs(
+        self,
+        *,
+        worker_id: str,
+        queues: Sequence[str],
+        limit: int,
+        lease_s: float,
+        pipelines: Collection[str] | None = None,
+    ) -> list[Claim]:
+        """Claim up to ``limit`` queued (or abandoned) runs of ``queues``; see StateBackend."""
+        names = [validate_queue_name(queue) for queue in queues]
+        if pipelines is not None and not pipelines:
+            return []
+        wanted = None if pipelines is None else list(pipelines)
+        claimed: list[Claim] = []
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            async with pool.acquire() as conn, conn.transaction():
+                for queue in names:
+                    room = limit - len(claimed)
+                    if room <= 0:
+                        break
+                    cap = await conn.fetchval(
+                        "SELECT concurrency_limit FROM flujo_queues WHERE queue = $1 FOR UPDATE",
+                        queue,
+                    )
+                    if cap is not None:
+                        busy = await conn.fetchval(_LEASED_COUNT, queue)
+                        room = min(room, int(cap) - int(busy))
+                        if room <= 0:
+                            continue
+                    rows = await conn.fetch(_CLAIM, queue, wanted, room, worker_id, lease_s)
+                    claimed += [Claim(str(row[0]), str(row[1]), str(row[2])) for row in rows]
+        return claimed
+
+    async def renew_leases(
+        self, *, worker_id: str, run_ids: Sequence[str], lease_s: float
+    ) -> dict[str, bool]:
+        """Extend the leases ``worker_id`` still holds; see StateBackend."""
+        if not run_ids:
+            return {}
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            rows = await pool.fetch(
+                "UPDATE flujo_runs SET lease_expires_at = "
+                "extract(epoch FROM clock_timestamp()) + $3 "
+                "WHERE run_id = ANY($1) AND locked_by = $2 "
+                "AND status = 'running' RETURNING run_id, cancel_requested",
+                list(run_ids),
+                worker_id,
+                lease_s,
+            )
+        return {str(row[0]): bool(row[1]) for row in rows}
+
+    async def release_runs(self, *, worker_id: str, run_ids: Sequence[str]) -> None:
+        """Give up ``worker_id``'s leases on ``run_ids``; see StateBackend."""
+        if not run_ids:
+            return
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            queues = await pool.fetch(_RELEASE, list(run_ids), worker_id)
+            for queue in {row[0] for row in queues if row[0] is not None}:
+                await pool.execute("SELECT pg_notify($1, $2)", self.channel, f"work:{queue}")
+
+    async def requeue_run(
+        self, run_id: str, *, queue: str | None = None, priority: int | None = None
+    ) -> bool:
+        """Put a failed (or abandoned) run back in its queue; see StateBackend."""
+        validate_run_id(run_id)
+        if queue is not None:
+            validate_queue_name(queue)
+        with _errors(self.dsn, run_id):
+            pool = await self._get_pool()
+            found = await pool.fetchval(_REQUEUE, run_id, queue, priority)
+            if found is not None:
+                await pool.execute("SELECT pg_notify($1, $2)", self.channel, f"work:{found}")
+        return found is not None
+
+    async def request_cancel(self, run_id: str) -> str | None:
+        """Cancel a queued or paused run; flag a running one; see StateBackend."""
+        validate_run_id(run_id)
+        with _errors(self.dsn, run_id):
+            pool = await self._get_pool()
+            async with pool.acquire() as conn, conn.transaction():
+                status = await conn.fetchval(
+                    "SELECT status FROM flujo_runs WHERE run_id = $1 FOR UPDATE", run_id
+                )
+                if status is None:
+                    return None
+                if status in ("queued", "paused"):
+                    await conn.execute(_CANCEL_NOW, run_id, cancel_error(status))
+                    return "cancelled"
+                if status == "running":
+                    await conn.execute(
+                        "UPDATE flujo_runs SET cancel_requested = true WHERE run_id = $1", run_id
+                    )
+                    await conn.execute("SELECT pg_notify($1, $2)", self.channel, f"cancel:{run_id}")
+                return str(status)
+
+    async def set_queue_limit(self, queue: str, limit: int | None) -> None:
+        """Limit how many runs of ``queue`` run at once, across workers (None: no limit)."""
+        validate_queue_name(queue)
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            if limit is None:
+                await pool.execute("DELETE FROM flujo_queues WHERE queue = $1", queue)
+            else:
+                await pool.execute(
+                    "INSERT INTO flujo_queues (queue, concurrency_limit) VALUES ($1, $2) "
+                    "ON CONFLICT (queue) DO UPDATE SET "
+                    "concurrency_limit = EXCLUDED.concurrency_limit",
+                    queue,
+                    check_limit(limit),
+                )
+
+    async def queue_limits(self) -> dict[str, int]:
+        """The concurrency limit of each queue that has one."""
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            rows = await pool.fetch(
+                "SELECT queue, concurrency_limit FROM flujo_queues "
+                "WHERE concurrency_limit IS NOT NULL"
+            )
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def next_lease_expiry(self, queues: Sequence[str]) -> float | None:
+        """When the earliest lease of a running run of ``queues`` expires (server clock)."""
+        names = [validate_queue_name(queue) for queue in queues]
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            value = await pool.fetchval(
+                "SELECT min(lease_expires_at) FROM flujo_runs WHERE status = 'running' "
+                "AND locked_by IS NOT NULL AND queue = ANY($1)",
+                names,
+            )
+        return None if value is None else float(value)
+
+    async def store_time(self) -> float:
+        """The server's clock (epoch seconds)."""
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            return float(await pool.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+
+    async def register_worker(self, worker_id: str, info: Mapping[str, Any]) -> None:
+        """Record (or refresh) a live worker."""
+        data = self.serializer.dumps(dict(info), "worker info")
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            await pool.execute(
+                "INSERT INTO flujo_workers (worker_id, info, started_at, heartbeat_at) "
+                "VALUES ($1, $2, extract(epoch FROM clock_timestamp()), "
+                "extract(epoch FROM clock_timestamp())) ON CONFLICT (worker_id) DO UPDATE SET "
+                "info = EXCLUDED.info, heartbeat_at = EXCLUDED.heartbeat_at",
+                worker_id,
+                data,
+            )
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker that stopped."""
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            await pool.execute("DELETE FROM flujo_workers WHERE worker_id = $1", worker_id)
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        """Registered workers, most recently seen first."""
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            rows = await pool.fetch(
+                "SELECT worker_id, info, started_at, heartbeat_at FROM flujo_workers "
+                "ORDER BY heartbeat_at DESC"
+            )
+        return [
+            {
+                "worker_id": str(row[0]),
+                "info": orjson.loads(row[1]),
+                "started_at": to_datetime(float(row[2])),
+                "heartbeat_at": to_datetime(float(row[3])),
+            }
+            for row in rows
+        ]
+
+    async def notify_work(self, queue: str) -> None:
+        """NOTIFY the workers listening on this store that ``queue`` has work."""
+        validate_queue_name(queue)
+        self._wakeup.wake()
+        with _errors(self.dsn, None):
+            pool = await self._get_pool()
+            await pool.execute("SELECT pg_notify($1, $2)", self.channel, f"work:{queue}")
+
+    async def notify_cancel(self, run_id: str) -> None:
+        """NOTIFY the workers that ``run_id``'s cancellation was requested."""
+        self._wakeup.wake(cancelled=run_id)
+        with _errors(self.dsn, run_id):
+            pool = await self._get_pool()
+            await pool.execute("SELECT pg_notify($1, $2)", self.channel, f"cancel:{run_id}")
+
+    async def wait_for_work(self, timeout_s: float) -> set[str]:
+        """LISTEN (on a connection of its own, opened on first use) until a notification or
+        ``timeout_s``; return the run ids whose cancellation was announced."""
+        await self._listen()
+        return await self._wakeup.wait(timeout_s)
+
+    async def _listen(self) -> None:
+        listener = self._listener
+        if listener is not None and not listener.is_closed():
+            return
+        import asyncpg  # noqa: PLC0415 - loaded by the pool already
+
+        await self._get_pool()  # checks the schema (and the connection settings) first
+        with _errors(self.dsn, None):
+            listener = await asyncpg.connect(self.dsn, command_timeout=self.command_timeout_s)
+            await listener.add_listener(self.channel, self._on_notification)
+            listener.add_termination_listener(self._on_listener_lost)
+        self._listener = listener
+
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        kind, _, value = payload.partition(":")
+        self._wakeup.wake(cancelled=value if kind == "cancel" else None)
+
+    def _on_listener_lost(self, conn: Any) -> None:
+        # Reconnected on the next wait; wake the waiters so that nothing waits on a dead line.
+        self._listener = None
+        self._wakeup.wake()
 
     # -- shadow evaluations ----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,9 +26,13 @@ from flujo.exceptions import (
 )
 from flujo.state.backends.base import (
     Checkpoint,
+    Claim,
     MetadataValue,
     StateBackend,
     StoredRun,
+    Wakeup,
+    cancel_error,
+    check_limit,
     check_version,
     checkpoint_from_state,
     epoch,
@@ -36,6 +40,7 @@ from flujo.state.backends.base import (
     metadata_index,
     now,
     to_datetime,
+    validate_queue_name,
     validate_run_id,
 )
 from flujo.state.models import Evaluation
@@ -192,6 +197,7 @@ class SQLiteBackend(StateBackend):
     """
 
     writes_may_suspend: ClassVar[bool] = False  # its writes never await: nothing to protect
+    supports_queues: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -212,6 +218,7 @@ class SQLiteBackend(StateBackend):
         self._conn: sqlite3.Connection | None = None
         self._applied: list[int] = []  # migrations the last _open() applied
         self._lock = threading.Lock()
+        self._wakeup = Wakeup()  # this process's workers, woken by its own enqueues
 
     # -- connection and schema -------------------------------------------------------------------
 
@@ -565,6 +572,192 @@ class SQLiteBackend(StateBackend):
                 (key, value, now()),
             )
 
+    # -- queues and workers ----------------------------------------------------------------------
+    # One write transaction (BEGIN IMMEDIATE) per operation: SQLite serializes writers, so a
+    # claim never races another (there is no SKIP LOCKED to need). Workers in other processes
+    # are not notified: they poll (see flujo.worker).
+
+    async def claim_runs(
+        self,
+        *,
+        worker_id: str,
+        queues: Sequence[str],
+        limit: int,
+        lease_s: float,
+        pipelines: Collection[str] | None = None,
+    ) -> list[Claim]:
+        """Claim up to ``limit`` queued (or abandoned) runs of ``queues``; see StateBackend."""
+        names = [validate_queue_name(queue) for queue in queues]
+        if pipelines is not None and not pipelines:
+            return []
+        claimed: list[Claim] = []
+        with self._lock, _Transaction(self, None) as conn:
+            current = now()
+            for queue in names:
+                room = limit - len(claimed)
+                if room <= 0:
+                    break
+                room = min(room, _queue_room(conn, queue, current))
+                if room <= 0:
+                    continue
+                sql = _CLAIMABLE
+                params: list[Any] = [queue, current]
+                if pipelines is not None:
+                    marks = ", ".join("?" * len(pipelines))
+                    sql += f" AND pipeline_name || '@' || pipeline_version IN ({marks})"
+                    params += list(pipelines)
+                sql += " ORDER BY priority DESC, created_at, run_id LIMIT ?"
+                found = [
+                    Claim(str(row[0]), str(row[1]), str(row[2]))
+                    for row in conn.execute(sql, (*params, room))
+                ]
+                conn.executemany(
+                    "UPDATE runs SET status = 'running', locked_by = ?, lease_expires_at = ?, "
+                    "version = version + 1, updated_at = ? WHERE run_id = ?",
+                    [(worker_id, current + lease_s, current, claim.run_id) for claim in found],
+                )
+                claimed += found
+        return claimed
+
+    async def renew_leases(
+        self, *, worker_id: str, run_ids: Sequence[str], lease_s: float
+    ) -> dict[str, bool]:
+        """Extend the leases ``worker_id`` still holds; see StateBackend."""
+        if not run_ids:
+            return {}
+        held: dict[str, bool] = {}
+        with self._lock, _Transaction(self, None) as conn:
+            expires = now() + lease_s
+            for run_id in run_ids:
+                row = conn.execute(
+                    "UPDATE runs SET lease_expires_at = ? WHERE run_id = ? AND locked_by = ? "
+                    "AND status = 'running' RETURNING cancel_requested",
+                    (expires, run_id, worker_id),
+                ).fetchone()
+                if row is not None:
+                    held[run_id] = bool(row[0])
+        return held
+
+    async def release_runs(self, *, worker_id: str, run_ids: Sequence[str]) -> None:
+        """Give up ``worker_id``'s leases on ``run_ids``; see StateBackend."""
+        if not run_ids:
+            return
+        with self._lock, _Transaction(self, None) as conn:
+            conn.executemany(_RELEASE, [(run_id, worker_id) for run_id in run_ids])
+
+    async def requeue_run(
+        self, run_id: str, *, queue: str | None = None, priority: int | None = None
+    ) -> bool:
+        """Put a failed (or abandoned) run back in its queue; see StateBackend."""
+        validate_run_id(run_id)
+        if queue is not None:
+            validate_queue_name(queue)
+        with self._lock, _Transaction(self, run_id) as conn:
+            cursor = conn.execute(_REQUEUE, (queue, priority, now(), run_id, queue, now()))
+            return cursor.rowcount == 1
+
+    async def request_cancel(self, run_id: str) -> str | None:
+        """Cancel a queued or paused run; flag a running one; see StateBackend."""
+        validate_run_id(run_id)
+        with self._lock, _Transaction(self, run_id) as conn:
+            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                return None
+            status = str(row[0])
+            if status in ("queued", "paused"):
+                conn.execute(_CANCEL_NOW, (cancel_error(status), now(), run_id))
+                return "cancelled"
+            if status == "running":
+                conn.execute("UPDATE runs SET cancel_requested = 1 WHERE run_id = ?", (run_id,))
+            return status
+
+    async def set_queue_limit(self, queue: str, limit: int | None) -> None:
+        """Limit how many runs of ``queue`` run at once (None: no limit)."""
+        validate_queue_name(queue)
+        with self._lock, _Transaction(self, None) as conn:
+            if limit is None:
+                conn.execute("DELETE FROM flujo_queues WHERE queue = ?", (queue,))
+            else:
+                conn.execute(
+                    "INSERT INTO flujo_queues (queue, concurrency_limit) VALUES (?, ?) "
+                    "ON CONFLICT (queue) DO UPDATE SET "
+                    "concurrency_limit = excluded.concurrency_limit",
+                    (queue, check_limit(limit)),
+                )
+
+    async def queue_limits(self) -> dict[str, int]:
+        """The concurrency limit of each queue that has one."""
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT queue, concurrency_limit FROM flujo_queues "
+                "WHERE concurrency_limit IS NOT NULL"
+            )
+            return {str(queue): int(limit) for queue, limit in rows}
+
+    async def next_lease_expiry(self, queues: Sequence[str]) -> float | None:
+        """When the earliest lease of a running run of ``queues`` expires."""
+        names = [validate_queue_name(queue) for queue in queues]
+        if not names:
+            return None
+        marks = ", ".join("?" * len(names))
+        with self._lock:
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT min(lease_expires_at) FROM runs WHERE status = 'running' "  # noqa: S608 - placeholders only
+                    f"AND locked_by IS NOT NULL AND queue IN ({marks})",
+                    names,
+                )
+                .fetchone()
+            )
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def register_worker(self, worker_id: str, info: Mapping[str, Any]) -> None:
+        """Record (or refresh) a live worker."""
+        data = self.serializer.dumps(dict(info), "worker info")
+        with self._lock, _Transaction(self, None) as conn:
+            current = now()
+            conn.execute(
+                "INSERT INTO flujo_workers (worker_id, info, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET "
+                "info = excluded.info, heartbeat_at = excluded.heartbeat_at",
+                (worker_id, data, current, current),
+            )
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker that stopped."""
+        with self._lock, _Transaction(self, None) as conn:
+            conn.execute("DELETE FROM flujo_workers WHERE worker_id = ?", (worker_id,))
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        """Registered workers, most recently seen first."""
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT worker_id, info, started_at, heartbeat_at FROM flujo_workers "
+                "ORDER BY heartbeat_at DESC"
+            )
+            return [
+                {
+                    "worker_id": str(worker_id),
+                    "info": orjson.loads(_blob(info)),
+                    "started_at": to_datetime(float(started)),
+                    "heartbeat_at": to_datetime(float(seen)),
+                }
+                for worker_id, info, started, seen in rows
+            ]
+
+    async def notify_work(self, queue: str) -> None:
+        """Wake this process's workers waiting on this store (other processes poll)."""
+        self._wakeup.wake()
+
+    async def notify_cancel(self, run_id: str) -> None:
+        """Tell this process's workers that ``run_id`` is to be cancelled."""
+        self._wakeup.wake(cancelled=run_id)
+
+    async def wait_for_work(self, timeout_s: float) -> set[str]:
+        """Wait for a notification from this process, or ``timeout_s``."""
+        return await self._wakeup.wait(timeout_s)
+
     # -- shadow evaluations ----------------------------------------------------------------------
 
     async def save_evaluation(self, evaluation: Evaluation) -> None:
@@ -708,6 +901,47 @@ def _summary(row: Any) -> dict[str, Any]:
         "lease_expires_at": None if lease is None else to_datetime(float(lease)),
         "cancel_requested": bool(cancel),
     }
+
+
+_CLAIMABLE = (
+    "SELECT run_id, pipeline_name, pipeline_version FROM runs WHERE queue = ? AND "
+    "(status = 'queued' OR "
+    "(status = 'running' AND locked_by IS NOT NULL AND lease_expires_at < ?))"
+)
+# A released run that was still running goes back to its queue, one version on (so whatever
+# of it still runs in the releasing process can no longer checkpoint).
+_RELEASE = (
+    "UPDATE runs SET locked_by = NULL, lease_expires_at = NULL, "
+    "version = CASE WHEN status = 'running' THEN version + 1 ELSE version END, "
+    "status = CASE WHEN status = 'running' THEN 'queued' ELSE status END "
+    "WHERE run_id = ? AND locked_by = ?"
+)
+_REQUEUE = (
+    "UPDATE runs SET status = 'queued', queue = COALESCE(?, queue), "
+    "priority = COALESCE(?, priority), locked_by = NULL, lease_expires_at = NULL, "
+    "cancel_requested = 0, version = version + 1, updated_at = ? "
+    "WHERE run_id = ? AND COALESCE(?, queue) IS NOT NULL AND (status = 'failed' OR "
+    "(status = 'running' AND (locked_by IS NULL OR lease_expires_at < ?)))"
+)
+_CANCEL_NOW = (
+    "UPDATE runs SET status = 'cancelled', cancel_requested = 1, error = ?, updated_at = ?, "
+    "locked_by = NULL, lease_expires_at = NULL, version = version + 1 WHERE run_id = ?"
+)
+
+
+def _queue_room(conn: sqlite3.Connection, queue: str, current: float) -> int:
+    """How many more runs of ``queue`` may start now (its limit minus the leased runs)."""
+    row = conn.execute(
+        "SELECT concurrency_limit FROM flujo_queues WHERE queue = ?", (queue,)
+    ).fetchone()
+    if row is None or row[0] is None:
+        return 1 << 30
+    busy = conn.execute(
+        "SELECT count(*) FROM runs WHERE queue = ? AND status = 'running' "
+        "AND locked_by IS NOT NULL AND lease_expires_at >= ?",
+        (queue, current),
+    ).fetchone()[0]
+    return int(row[0]) - int(busy)
 
 
 def _evaluation(row: Any) -> Evaluation:
