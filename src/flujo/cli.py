@@ -690,11 +690,12 @@ def runs_list_command(
     created_since = None if since is None else parse_since(since)
     backend = _backend()
 
-    async def work() -> list[TaskSummary]:
+    async def work() -> tuple[list[TaskSummary], dict[str, str]]:
         try:
             if _sqlite_missing(backend):
-                return []
-            return await TaskClient(backend).list_tasks(
+                return [], {}
+            client = TaskClient(backend)
+            found = await client.list_tasks(
                 status=status,
                 metadata_filter=metadata_filter or None,
                 pipeline_name=pipeline,
@@ -702,12 +703,19 @@ def runs_list_command(
                 offset=offset,
                 since=created_since,
             )
+            return found, await _waiting(client, found)
         finally:
             await backend.aclose()
 
-    tasks = asyncio.run(work())
+    tasks, waiting = asyncio.run(work())
     if as_json:
-        typer.echo(_to_json([task.model_dump(mode="json") for task in tasks]))
+        listed = []
+        for task in tasks:
+            item = task.model_dump(mode="json")
+            if task.run_id in waiting:
+                item["waiting"] = waiting[task.run_id]
+            listed.append(item)
+        typer.echo(_to_json(listed))
         return
     console = _console()
     if not tasks:
@@ -732,13 +740,40 @@ def runs_list_command(
         if wide:
             row.append(Text(task.pipeline_version))
         created = _when(task.created_at) if roomy else _when(task.created_at, short=True)
-        row += [_status_text(task.status), str(task.current_step_index), created]
+        shown = _status_text(task.status)
+        if task.run_id in waiting:
+            shown.append(f" ({waiting[task.run_id]})", style="yellow")
+        row += [shown, str(task.current_step_index), created]
         if wide:
             row.append(_when(task.updated_at))
         if roomy:
             row.append(Text(_to_json(task.metadata, indent=False) if task.metadata else ""))
         table.add_row(*row)
     console.print(table)
+
+
+async def _waiting(client: TaskClient, tasks: list[TaskSummary]) -> dict[str, str]:
+    """For queued runs no live worker can take: why (no worker on the queue, or none with the
+    run's pipeline version)."""
+    queued = [task for task in tasks if task.status == "queued" and task.queue]
+    if not queued or not client.backend.supports_queues:
+        return {}
+    current = await client.backend.store_time()
+    live = []
+    for worker in await client.list_workers():
+        info = worker.get("info") or {}
+        lease = float(info.get("lease_s") or 30.0)
+        if worker["heartbeat_at"].timestamp() >= current - lease:
+            live.append(info)
+    notes = {}
+    for task in queued:
+        on_queue = [info for info in live if task.queue in (info.get("queues") or [])]
+        wanted = f"{task.pipeline_name}@{task.pipeline_version}"
+        if not on_queue:
+            notes[task.run_id] = f"no live worker on queue {task.queue!r}"
+        elif not any(wanted in (info.get("pipelines") or []) for info in on_queue):
+            notes[task.run_id] = f"no worker on queue {task.queue!r} has {wanted}"
+    return notes
 
 
 @runs_app.command("show")

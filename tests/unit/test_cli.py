@@ -912,3 +912,37 @@ def test_runs_show_usage(workdir: Path) -> None:
     assert detail["step_history"][0]["usage"]["requests"] == 2
     [listed] = list_json()
     assert listed["usage"]["cost_usd"] == 0.0125
+
+
+def test_runs_list_says_why_a_queued_run_waits(workdir: Path) -> None:
+    from flujo import PipelineRegistry, step
+    from flujo.client import TaskClient
+    from flujo.state import SQLiteBackend
+
+    @step
+    async def one(x: int) -> int:
+        return x
+
+    registry = PipelineRegistry()
+    registry.register(one, "report", "2.0.0")
+    backend = SQLiteBackend(workdir / "runs.db")
+
+    async def setup() -> tuple[str, str]:
+        client = TaskClient(backend, registry)
+        nobody = await client.enqueue("report", 1, queue="lonely")
+        other = await client.enqueue("report", 2, queue="default")
+        await backend.register_worker(
+            "w1",
+            {"queues": ["default"], "pipelines": ["report@1.0.0"], "lease_s": 60},
+        )
+        await backend.aclose()
+        return nobody, other
+
+    nobody, other = asyncio.run(setup())
+    listed = {run["run_id"]: run for run in list_json()}
+    assert listed[nobody]["waiting"] == "no live worker on queue 'lonely'"
+    assert listed[other]["waiting"] == "no worker on queue 'default' has report@2.0.0"
+    assert listed[other]["status"] == "queued"
+    table = invoke("runs", "list")
+    assert_ok(table)
+    assert "has report@2.0.0" in " ".join(table.stdout.split())
