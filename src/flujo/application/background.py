@@ -178,17 +178,23 @@ async def _run_unstored(
 
 
 async def drain(tasks: set[asyncio.Task[Any]], timeout_s: float | None) -> None:
-    """Wait for background tasks (all of them, or up to ``timeout_s``, then cancel the rest)."""
-    pending = [task for task in tasks if task.get_loop() is asyncio.get_running_loop()]
-    if not pending:
-        return
-    _, late = await asyncio.wait(pending, timeout=timeout_s)
+    """Wait for background tasks, including those they launch meanwhile (all of them, or up
+    to ``timeout_s``, then cancel the rest)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    while True:
+        pending = [task for task in tasks if task.get_loop() is loop and not task.done()]
+        if not pending:
+            return
+        left = None if deadline is None else max(0.0, deadline - loop.time())
+        _, late = await asyncio.wait(pending, timeout=left)
+        if late and deadline is not None and loop.time() >= deadline:
+            break
     for task in late:
         task.cancel()
-    if late:
-        logger.warning(
-            "cancelled %d background task(s) still running; resume them with "
-            "resume_background_task (or a worker)",
-            len(late),
-        )
-        await asyncio.gather(*late, return_exceptions=True)
+    logger.warning(
+        "cancelled %d background task(s) still running; resume them with "
+        "resume_background_task (or a worker)",
+        len(late),
+    )
+    await asyncio.gather(*late, return_exceptions=True)
