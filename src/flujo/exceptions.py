@@ -27,18 +27,25 @@ __all__ = [
     "ContextReferenceError",
     "ContextValidationError",
     "CorruptStateError",
+    "EmitError",
+    "FlowError",
+    "FlowNotFoundError",
     "FlujoError",
     "FlujoSignal",
     "HumanInputError",
     "InvalidMetadataError",
+    "InvalidRoutineIdError",
     "InvalidRunIdError",
     "IterationLimitError",
+    "JobFlowMismatchError",
+    "JobStateError",
     "MergeConflictError",
     "PausedException",
     "PayloadTooLargeError",
     "PipelineAbortSignal",
     "PipelineMismatchError",
     "PipelineNotFoundError",
+    "RoutineNotSerializableError",
     "RunNotFoundError",
     "SchemaVersionError",
     "SerializationError",
@@ -48,6 +55,7 @@ __all__ = [
     "StructuredOutputError",
     "ToolNotAllowedError",
     "UnknownBranchError",
+    "UnknownRoutineClassError",
     "UsageLimitExceededError",
 ]
 
@@ -312,3 +320,94 @@ class PipelineAbortSignal(FlujoSignal):
     def __init__(self, message: str = "Aborted") -> None:
         super().__init__(message)
         self.message = message
+
+
+# -- flujo.routines: the event-driven model --------------------------------------------------------
+
+
+class FlowError(FlujoError):
+    """A flow (routines, slots, events and their connections) is defined or described wrongly.
+
+    ``flow_id`` names the flow (None when the routine is not in a flow yet); ``path`` says where
+    in serialized flow data the problem sits (``"routines.processor.class"``), or None.
+    """
+
+    def __init__(self, message: str, *, flow_id: str | None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.flow_id = flow_id
+        self.path = path
+
+
+class InvalidRoutineIdError(FlowError, ValueError):
+    """A routine id (or a flow, slot or event name) is not acceptable: empty, too long, or
+    holding characters other than letters, digits, ``.``, ``_`` and ``-``."""
+
+    def __init__(
+        self, message: str, *, routine_id: str, flow_id: str | None, path: str | None = None
+    ) -> None:
+        super().__init__(message, flow_id=flow_id, path=path)
+        self.routine_id = routine_id
+
+
+class UnknownRoutineClassError(FlowError, LookupError):
+    """Serialized flow data names a routine class this program does not know.
+
+    Classes are found only among the ``Routine`` subclasses defined (or registered with
+    ``register_serializable``) in the running program; nothing is ever imported by name.
+    """
+
+    def __init__(
+        self, message: str, *, class_name: str, flow_id: str | None, path: str | None = None
+    ) -> None:
+        super().__init__(message, flow_id=flow_id, path=path)
+        self.class_name = class_name
+
+
+class RoutineNotSerializableError(SerializationError):
+    """A routine cannot be serialized: its class needs constructor arguments, is not the class
+    registered under its name, or its slots, events or logic differ from what its constructor
+    builds (so they would not survive ``Flow.deserialize``)."""
+
+    def __init__(self, message: str, *, path: str, class_name: str, routine_id: str) -> None:
+        super().__init__(message, path=path)
+        self.class_name = class_name
+        self.routine_id = routine_id
+
+
+class FlowNotFoundError(FlujoError, LookupError):
+    """No flow is registered under this name in the FlowRegistry."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class EmitError(FlujoError):
+    """``Routine.emit`` was called outside a routine's logic, for an event the routine does not
+    have, or with values the event does not declare."""
+
+    def __init__(self, message: str, *, routine_id: str | None, event: str) -> None:
+        super().__init__(message)
+        self.routine_id = routine_id
+        self.event = event
+
+
+class JobStateError(FlujoError, ValueError):
+    """A job state cannot be used: serialized data of the wrong shape, a stored run that is not
+    a routines job, or a job state given where it cannot go."""
+
+    def __init__(self, message: str, *, job_id: str | None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobFlowMismatchError(JobStateError):
+    """A job state belongs to another flow (``flow_id``) than the one it was given to
+    (``expected_flow_id``), or names routines or slots that flow does not have."""
+
+    def __init__(
+        self, message: str, *, job_id: str | None, flow_id: str | None, expected_flow_id: str
+    ) -> None:
+        super().__init__(message, job_id=job_id)
+        self.flow_id = flow_id
+        self.expected_flow_id = expected_flow_id
