@@ -14,6 +14,7 @@ from flujo.application.runner import Flujo
 from flujo.domain.events import HookEvent, PostRun, PostStep, PreRun, StepFailure
 from flujo.domain.models import (
     AppResources,
+    BackgroundLaunched,
     PipelineContext,
     PipelineResult,
     StepError,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentTurn",
     "AppResources",
+    "BackgroundLaunched",
     "BranchFailureStrategy",
     "CacheBackend",
     "CacheStep",

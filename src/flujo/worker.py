@@ -188,6 +188,7 @@ class Worker:
                     limit=free,
                     lease_s=self.lease_s,
                     pipelines=pipelines,
+                    exclude=list(self._active),
                 )
                 for claim in claimed:
                     self._start(claim)
@@ -210,7 +211,9 @@ class Worker:
             expiry = await self.backend.next_lease_expiry(self.queues)
             if expiry is not None:
                 wait = expiry - await self.backend.store_time() + _TAKEOVER_MARGIN_S
-                timeout = max(0.0, min(timeout, wait))
+                # An expiry already past is one the claim just passed over (this worker's own
+                # run, a pipeline it lacks, a full queue): look again soon, but do not spin.
+                timeout = min(timeout, wait if wait > 0 else self.poll_s)
             if not getattr(self.backend, "notifies_other_processes", False):
                 timeout = min(timeout, self.poll_s)
         waits = {
@@ -219,15 +222,14 @@ class Worker:
             asyncio.ensure_future(self._stopping.wait()),
         }
         try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                result = task.result()
-                if isinstance(result, set):
-                    self._note_cancelled(result)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in waits:
                 task.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            # A wait may have finished while being cancelled: its cancellations still count.
+            for result in await asyncio.gather(*waits, return_exceptions=True):
+                if isinstance(result, set):
+                    self._note_cancelled(result)
 
     def _note_cancelled(self, run_ids: set[str]) -> None:
         self._cancel.update(run_id for run_id in run_ids if run_id in self._active)

@@ -113,6 +113,8 @@ class BackgroundLauncher:
         if backend is None:  # nothing is stored: the step simply runs beside the pipeline
             runner._spawn_background(_run_unstored(runner, step, data, context), task_id)
         else:
+            if runner._resolved_background_mode() == "queue":
+                runner._check_runnable_by_workers()
             created = await self._store(step, data, context, task_id, location, queue)
             if runner._resolved_background_mode() == "queue":
                 await backend.notify_work(queue)

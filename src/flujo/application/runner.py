@@ -449,6 +449,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         validate_queue_name(queue)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigurationError(f"priority must be an int, got {priority!r}")
+        self._check_runnable_by_workers()
         if run_id is None:
             run_id = uuid.uuid4().hex
         validate_run_id(run_id)
@@ -501,6 +502,18 @@ class Flujo(Generic[InT, OutT, CtxT]):
         from flujo.application.background import BackgroundLauncher  # noqa: PLC0415
 
         return BackgroundLauncher(self, run.run_id, run.version, parent_queue=run.queue)
+
+    def _check_runnable_by_workers(self) -> None:
+        """Refuse to queue work no worker could claim: a worker finds a run's pipeline by its
+        exact name and version, and a runner given a pipeline without a version records
+        ``"latest"``."""
+        if self._pipeline is not None and self.pipeline_version == "latest":
+            raise ConfigurationError(
+                f"pipeline {self.pipeline_name!r} has no version: a queued run (or background "
+                "task) is run by a worker, which finds its pipeline by name and version; give "
+                "this runner pipeline_version= (a version the workers' registry has) or "
+                "registry=",
+            )
 
     def _resolved_background_mode(self) -> Literal["local", "queue"]:
         """``background_mode``, or the setting of that name (read once)."""

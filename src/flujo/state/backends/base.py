@@ -373,11 +373,14 @@ class StateBackend(ABC):
         limit: int,
         lease_s: float,
         pipelines: Collection[str] | None = None,
+        exclude: Collection[str] = (),
     ) -> list[Claim]:
         """Claim up to ``limit`` runs of ``queues`` (highest priority, then oldest first):
         queued runs, and running runs whose lease expired. ``pipelines`` (``"name@version"``)
-        restricts the claim to runs of those pipeline versions. Per-queue concurrency limits
-        (:meth:`set_queue_limit`) hold across all workers. Returns the claimed runs."""
+        restricts the claim to runs of those pipeline versions; runs in ``exclude`` (the ones
+        the worker is running) are never claimed, even with an expired lease. Per-queue
+        concurrency limits (:meth:`set_queue_limit`) hold across all workers. Returns the
+        claimed runs."""
         raise NotImplementedError(f"{type(self).__name__} does not queue runs")
 
     async def renew_leases(
@@ -876,12 +879,19 @@ class Wakeup:
             self._waiters.append((loop, future))
         try:
             await asyncio.wait_for(future, timeout_s)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Woken and cancelled at once (wait_for then returns): the caller is gone.
+                raise asyncio.CancelledError
         except TimeoutError:
             pass
-        finally:
+        except BaseException:  # the waiter was cancelled: leave the noted ones for its next wait
             with self._lock:
                 self._waiters = [(lp, f) for lp, f in self._waiters if f is not future]
-                cancelled, self._cancelled = self._cancelled, set()
+            raise
+        with self._lock:
+            self._waiters = [(lp, f) for lp, f in self._waiters if f is not future]
+            cancelled, self._cancelled = self._cancelled, set()
         return cancelled
 
 

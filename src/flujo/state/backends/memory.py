@@ -163,6 +163,7 @@ class InMemoryBackend(StateBackend):
         limit: int,
         lease_s: float,
         pipelines: Collection[str] | None = None,
+        exclude: Collection[str] = (),
     ) -> list[Claim]:
         """Claim up to ``limit`` queued (or abandoned) runs of ``queues``; see StateBackend."""
         names = [validate_queue_name(queue) for queue in queues]
@@ -185,6 +186,7 @@ class InMemoryBackend(StateBackend):
                     for run in self._runs.values()
                     if run.queue == queue
                     and _claimable(run, current)
+                    and run.run_id not in exclude
                     and (
                         pipelines is None
                         or f"{run.pipeline_name}@{run.pipeline_version}" in pipelines
@@ -283,7 +285,7 @@ class InMemoryBackend(StateBackend):
 
     async def next_lease_expiry(self, queues: Sequence[str]) -> float | None:
         """When the earliest lease of a running run of ``queues`` expires."""
-        wanted = set(queues)
+        wanted = {validate_queue_name(queue) for queue in queues}
         with self._lock:
             leases = [
                 run.lease_expires_at

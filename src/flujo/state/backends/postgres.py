@@ -249,6 +249,7 @@ WITH picked AS (
            OR (status = 'running' AND locked_by IS NOT NULL
                AND lease_expires_at < extract(epoch FROM clock_timestamp())))
       AND ($2::text[] IS NULL OR pipeline_name || '@' || pipeline_version = ANY($2::text[]))
+      AND NOT (run_id = ANY($6::text[]))
     ORDER BY priority DESC, created_at, run_id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -749,12 +750,14 @@ class PostgresBackend(StateBackend):
         limit: int,
         lease_s: float,
         pipelines: Collection[str] | None = None,
+        exclude: Collection[str] = (),
     ) -> list[Claim]:
         """Claim up to ``limit`` queued (or abandoned) runs of ``queues``; see StateBackend."""
         names = [validate_queue_name(queue) for queue in queues]
         if pipelines is not None and not pipelines:
             return []
         wanted = None if pipelines is None else list(pipelines)
+        skip = list(exclude)
         claimed: list[Claim] = []
         with _errors(self.dsn, None):
             pool = await self._get_pool()
@@ -772,7 +775,7 @@ class PostgresBackend(StateBackend):
                         room = min(room, int(cap) - int(busy))
                         if room <= 0:
                             continue
-                    rows = await conn.fetch(_CLAIM, queue, wanted, room, worker_id, lease_s)
+                    rows = await conn.fetch(_CLAIM, queue, wanted, room, worker_id, lease_s, skip)
                     claimed += [Claim(str(row[0]), str(row[1]), str(row[2])) for row in rows]
         return claimed
 

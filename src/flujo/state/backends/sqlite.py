@@ -585,6 +585,7 @@ class SQLiteBackend(StateBackend):
         limit: int,
         lease_s: float,
         pipelines: Collection[str] | None = None,
+        exclude: Collection[str] = (),
     ) -> list[Claim]:
         """Claim up to ``limit`` queued (or abandoned) runs of ``queues``; see StateBackend."""
         names = [validate_queue_name(queue) for queue in queues]
@@ -606,6 +607,9 @@ class SQLiteBackend(StateBackend):
                     marks = ", ".join("?" * len(pipelines))
                     sql += f" AND pipeline_name || '@' || pipeline_version IN ({marks})"
                     params += list(pipelines)
+                if exclude:
+                    sql += f" AND run_id NOT IN ({', '.join('?' * len(exclude))})"
+                    params += list(exclude)
                 sql += " ORDER BY priority DESC, created_at, run_id LIMIT ?"
                 found = [
                     Claim(str(row[0]), str(row[1]), str(row[2]))
