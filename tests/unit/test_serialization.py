@@ -318,7 +318,7 @@ BAD = [
         id="inf-in-nested-dataclass",
     ),
     pytest.param(Loose(number=math.nan), "value.number", "finite", id="nan-in-float-field"),
-    pytest.param({1.5, math.nan}, "value[1]", "finite", id="nan-in-set"),
+    pytest.param({math.nan}, "value[0]", "finite", id="nan-in-set"),
     pytest.param(2**64, "value", "64-bit", id="int-2**64"),
     pytest.param(-(2**63) - 1, "value", "64-bit", id="int-below-int64"),
     pytest.param({"big": [10**40]}, 'value["big"][0]', "64-bit", id="nested-huge-int"),
