@@ -114,6 +114,7 @@ class Worker:
         self._runners: dict[tuple[str, str], Flujo[Any, Any, Any]] = {}
         self._active: dict[str, asyncio.Task[None]] = {}
         self._cancel: set[str] = set()
+        self._finishing: set[str] = set()
         self._stopping: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         self.completed = 0
@@ -242,7 +243,7 @@ class Worker:
 
     async def _work(self, claim: Claim) -> None:
         run_id = claim.run_id
-        released = False
+        release = True
         try:
             runner = self._runner(claim.pipeline_name, claim.pipeline_version)
             result = await runner.run_async(None, run_id=run_id)
@@ -250,24 +251,26 @@ class Worker:
         except StateConflictError:
             # Another worker took the run over (this one's lease had expired): it goes on there.
             logger.warning("worker %s lost run %s to another worker", self.worker_id, run_id)
-            released = True
+            release = False
         except asyncio.CancelledError:
-            # Cut off (shutdown, or the lease was lost): hand the run back at once.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._release(run_id))
-            released = True
-            raise
+            raise  # cut off (shutdown, or the lease was lost): handed back below
         except Exception:
             logger.exception("worker %s: run %s stopped with an error", self.worker_id, run_id)
         finally:
-            if not released:
-                with contextlib.suppress(Exception):
-                    await self._release(run_id)
-            self._active.pop(run_id, None)
-            self._cancel.discard(run_id)
-            self.completed += 1
-            if self._changed is not None:
-                self._changed.set()
+            # The run is over here: renewals leave it alone, and its slot is freed even if
+            # this task is cancelled while the release is under way.
+            self._finishing.add(run_id)
+            try:
+                if release:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._release(run_id))
+            finally:
+                self._active.pop(run_id, None)
+                self._cancel.discard(run_id)
+                self._finishing.discard(run_id)
+                self.completed += 1
+                if self._changed is not None:
+                    self._changed.set()
 
     async def _release(self, run_id: str) -> None:
         await self.backend.release_runs(worker_id=self.worker_id, run_ids=[run_id])
@@ -314,11 +317,11 @@ class Worker:
         )
         for run_id in held_ids:
             task = self._active.get(run_id)
-            if task is None or task.done():
+            if task is None or task.done() or run_id in self._finishing:
                 continue
             if run_id not in held:
-                # Finished a moment ago, or taken over after this worker's lease expired: a
-                # run that is still going here stops (its next checkpoint would be refused).
+                # Taken over after this worker's lease expired (or finished by a checkpoint a
+                # moment ago): a run still going here stops (its next checkpoint is refused).
                 logger.warning("worker %s no longer holds run %s", self.worker_id, run_id)
                 task.cancel()
             elif held[run_id]:
