@@ -322,6 +322,15 @@ class PipelineAbortSignal(FlujoSignal):
         self.message = message
 
 
+class CancelRequested(PipelineAbortSignal):
+    """A run stops because its cancellation was requested (``TaskClient.cancel``, ``flujo runs
+    cancel``); it is stored as ``cancelled`` with this error type, whether it was queued, paused
+    or running."""
+
+    def __init__(self, message: str = "cancelled by request") -> None:
+        super().__init__(message)
+
+
 # -- flujo.routines: the event-driven model --------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flujo.domain.events import HookEvent, PostStep
-from flujo.exceptions import ConfigurationError, PipelineAbortSignal, StateConflictError
+from flujo.exceptions import CancelRequested, ConfigurationError, StateConflictError
 from flujo.state.backends.base import Claim, validate_queue_name
 
 if TYPE_CHECKING:
@@ -298,7 +298,7 @@ class Worker:
     def _cancel_hook(self, event: HookEvent) -> None:
         """After each step: stop a run whose cancellation was requested (status cancelled)."""
         if isinstance(event, PostStep) and event.run_id in self._cancel:
-            raise PipelineAbortSignal("cancelled by request")
+            raise CancelRequested
 
     # -- leases ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ test (``postgres_dsn``/``postgres_schema``); concurrent claimers are separate ba
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import threading
 from collections import Counter
@@ -773,6 +774,21 @@ async def test_register_list_and_remove_workers(backend: StateBackend) -> None:
     await backend.remove_worker("w1")
     await backend.remove_worker("never-registered")
     assert [w["worker_id"] for w in await backend.list_workers()] == ["w2"]
+
+
+async def test_a_worker_entry_not_refreshed_for_long_is_forgotten(
+    backend: StateBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed worker never removes its entry: the next registration or heartbeat of any
+    worker removes entries older than WORKER_FORGET_S (an hour; shortened here)."""
+    module = importlib.import_module(type(backend).__module__)
+    monkeypatch.setattr(module, "WORKER_FORGET_S", 0.2)
+    await backend.register_worker("dead", {})
+    await backend.register_worker("live", {})
+    assert {w["worker_id"] for w in await backend.list_workers()} == {"dead", "live"}
+    await asyncio.sleep(0.3)
+    await backend.register_worker("live", {})  # a heartbeat
+    assert [w["worker_id"] for w in await backend.list_workers()] == ["live"]
 
 
 async def test_hostile_worker_ids_are_values(backend: StateBackend) -> None:

@@ -477,6 +477,7 @@ async def test_a_cancelled_running_run_stops_at_its_next_step_boundary(store: St
     assert [record["name"] for record in state["step_history"]] == ["s0"]
     assert state["current_step_index"] == 1
     assert state["cancel_requested"] is True
+    assert state["error"]["type"] == "CancelRequested"
     assert state["locked_by"] is None
 
 

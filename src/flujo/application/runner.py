@@ -39,6 +39,7 @@ from flujo.domain.pipeline import Pipeline, PipelineRegistry, parse_version
 from flujo.domain.step import Step
 from flujo.domain.usage import RunMeter, Usage, UsageLimits
 from flujo.exceptions import (
+    CancelRequested,
     ConfigurationError,
     ContextValidationError,
     CorruptStateError,
@@ -75,7 +76,6 @@ logger = logging.getLogger("flujo.runner")
 #: How long ``aclose()`` lets background tasks run before cancelling them (they are durable:
 #: a cancelled one resumes from its last checkpoint).
 _BACKGROUND_GRACE_S = 30.0
-_CANCELLED = "cancelled by request"
 
 
 InT = TypeVar("InT", default=Any)
@@ -832,7 +832,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
             except PipelineAbortSignal as signal:
                 final = await self._stop(run, signal, run.start, None)
         if final is None and run.cancel_requested:  # TaskClient.cancel asked for it
-            final = await self._stop(run, PipelineAbortSignal(_CANCELLED), run.start, None)
+            final = await self._stop(run, CancelRequested(), run.start, None)
         index = run.start
         meter = run.meter
         launcher: BackgroundLauncher | None = None

@@ -95,6 +95,11 @@ MetadataValue = str | int | float | bool | None
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
+#: A worker entry not refreshed for this long (a killed worker's) is removed when any worker
+#: registers or heartbeats.
+WORKER_FORGET_S = 3600.0
+
+
 def validate_queue_name(queue: object) -> str:
     """Return ``queue`` if it can name a queue: 1-64 of ``A-Z a-z 0-9 _ . -``, not starting
     with ``.`` or ``-``.

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from flujo.state.backends.base import (
+    WORKER_FORGET_S,
     Checkpoint,
     Claim,
     MetadataValue,
@@ -308,6 +309,10 @@ class InMemoryBackend(StateBackend):
                 "started_at": known["started_at"] if known else to_datetime(current),
                 "heartbeat_at": to_datetime(current),
             }
+            forgotten = to_datetime(current - WORKER_FORGET_S)
+            for known_id, entry in list(self._workers.items()):
+                if entry["heartbeat_at"] < forgotten:
+                    del self._workers[known_id]
 
     async def remove_worker(self, worker_id: str) -> None:
         """Forget a worker that stopped."""

@@ -39,6 +39,7 @@ from flujo.exceptions import (
     StateConflictError,
 )
 from flujo.state.backends.base import (
+    WORKER_FORGET_S,
     Checkpoint,
     Claim,
     MetadataValue,
@@ -262,14 +263,21 @@ FROM picked WHERE r.run_id = picked.run_id
 RETURNING r.run_id, r.pipeline_name, r.pipeline_version
 """
 # A released run that was still running goes back to its queue, one version on (whatever of
-# it still runs in the releasing process can no longer checkpoint). Returns the queues.
+# it still runs in the releasing process can no longer checkpoint). Returns the queues whose
+# waiting workers have something new to claim: a run handed back, or a slot freed in a queue
+# with a concurrency limit (a finished run in an unlimited queue gives nobody new work).
 _RELEASE = """
-UPDATE flujo_runs
-SET locked_by = NULL, lease_expires_at = NULL,
-    version = CASE WHEN status = 'running' THEN version + 1 ELSE version END,
-    status = CASE WHEN status = 'running' THEN 'queued' ELSE status END
-WHERE run_id = ANY($1) AND locked_by = $2
-RETURNING queue
+WITH released AS (
+    UPDATE flujo_runs
+    SET locked_by = NULL, lease_expires_at = NULL,
+        version = CASE WHEN status = 'running' THEN version + 1 ELSE version END,
+        status = CASE WHEN status = 'running' THEN 'queued' ELSE status END
+    WHERE run_id = ANY($1) AND locked_by = $2
+    RETURNING queue, status = 'queued' AS handed_back
+)
+SELECT DISTINCT r.queue FROM released r
+WHERE r.queue IS NOT NULL AND (r.handed_back OR EXISTS (
+    SELECT 1 FROM flujo_queues q WHERE q.queue = r.queue AND q.concurrency_limit IS NOT NULL))
 """
 _REQUEUE = """
 UPDATE flujo_runs
@@ -805,7 +813,7 @@ class PostgresBackend(StateBackend):
         with _errors(self.dsn, None):
             pool = await self._get_pool()
             queues = await pool.fetch(_RELEASE, list(run_ids), worker_id)
-            for queue in {row[0] for row in queues if row[0] is not None}:
+            for queue in {row[0] for row in queues}:
                 await pool.execute("SELECT pg_notify($1, $2)", self.channel, f"work:{queue}")
 
     async def requeue_run(
@@ -899,6 +907,11 @@ class PostgresBackend(StateBackend):
                 "info = EXCLUDED.info, heartbeat_at = EXCLUDED.heartbeat_at",
                 worker_id,
                 data,
+            )
+            await pool.execute(
+                "DELETE FROM flujo_workers WHERE heartbeat_at < "
+                "extract(epoch FROM clock_timestamp()) - $1",
+                WORKER_FORGET_S,
             )
 
     async def remove_worker(self, worker_id: str) -> None:

@@ -25,6 +25,7 @@ from flujo.exceptions import (
     StateBackendError,
 )
 from flujo.state.backends.base import (
+    WORKER_FORGET_S,
     Checkpoint,
     Claim,
     MetadataValue,
@@ -726,6 +727,9 @@ class SQLiteBackend(StateBackend):
                 "VALUES (?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET "
                 "info = excluded.info, heartbeat_at = excluded.heartbeat_at",
                 (worker_id, data, current, current),
+            )
+            conn.execute(
+                "DELETE FROM flujo_workers WHERE heartbeat_at < ?", (current - WORKER_FORGET_S,)
             )
 
     async def remove_worker(self, worker_id: str) -> None:
