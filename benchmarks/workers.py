@@ -1,11 +1,12 @@
 """flujo's worker benchmarks: `flujo worker` processes on Postgres, one JSON line per workload.
 
-    python benchmarks/workers.py                          # both workloads
+    python benchmarks/workers.py                          # all workloads
     python benchmarks/workers.py --workload takeover      # one of them
     python benchmarks/workers.py --workload workers --concurrency 32
 
 ``workers``: throughput of 1, 2 and 4 ``flujo worker`` processes (``--concurrency 8`` unless
 told) running 10-step runs of trivial steps, in durable steps (committed checkpoints) per second.
+``workers_io``: the same with steps that wait 20 ms (a model or HTTP call) before returning.
 ``takeover``: worker A (lease 3 s, heartbeat 1 s) holds runs in a slow step, worker B idles;
 A is killed with SIGKILL; how long until B claims the runs and runs their step again.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -32,7 +34,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("workers", "takeover")
+WORKLOADS = ("workers", "workers_io", "takeover")
 POSTGRES_DSN = os.environ.get(
     "FLUJO_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -44,6 +46,10 @@ RUNS = 1500
 BATCHES = 5
 WORKER_COUNTS = (1, 2, 4)
 CONCURRENCY = 8
+#: workers_io: the same 10-step runs, each step waiting IO_WAIT_S first (a model or HTTP call).
+IO_RUNS = 400
+IO_BATCHES = 3
+IO_WAIT_S = 0.02
 #: takeover: runs held by worker A per repetition, repetitions, A's and B's lease settings.
 HELD = 4
 REPETITIONS = 5
@@ -62,6 +68,11 @@ from flujo import Pipeline, PipelineContext, PipelineRegistry, Step
 
 
 async def add_one(x: int) -> int:
+    return x + 1
+
+
+async def wait_then_add_one(x: int) -> int:
+    await asyncio.sleep(float(os.environ.get("BENCH_IO_WAIT_S", "0.02")))  # a model call
     return x + 1
 
 
@@ -84,6 +95,11 @@ registry = PipelineRegistry()
 registry.register(
     Pipeline.from_steps([Step.from_callable(add_one, name=f"s{i}") for i in range(10)]),
     "trivial",
+    "1.0.0",
+)
+registry.register(
+    Pipeline.from_steps([Step.from_callable(wait_then_add_one, name=f"s{i}") for i in range(10)]),
+    "waiting",
     "1.0.0",
 )
 registry.register(Pipeline.from_steps([noted(f"s{i}") for i in range(3)]), "slow", "1.0.0")
@@ -253,9 +269,15 @@ def machine_cpu() -> tuple[int, int]:
 
 
 async def one_setting(
-    directory: Path, store: Store, client: Any, n_workers: int, concurrency: int, prefix: str
+    directory: Path,
+    store: Store,
+    client: Any,
+    n_workers: int,
+    concurrency: int,
+    prefix: str,
+    load: Load,
 ) -> dict[str, Any]:
-    """One timed batch of ``RUNS`` runs on ``n_workers`` fresh worker processes."""
+    """One timed batch of ``load.runs`` runs on ``n_workers`` fresh worker processes."""
     await store.clear()
     processes = [
         spawn_worker(directory, store, "--concurrency", str(concurrency)) for _ in range(n_workers)
@@ -264,12 +286,12 @@ async def one_setting(
         await idle(store, n_workers)
         # Warm-up: a few runs per worker (imports, connections, prepared statements).
         for i in range(concurrency * n_workers):
-            await client.enqueue("trivial", 0, run_id=f"warm-{i}")
+            await client.enqueue(load.pipeline, 0, run_id=f"warm-{i}")
         await wait_until(
             lambda: finished(store, "warm-%", concurrency * n_workers), "the warm-up", every=0.05
         )
         pids = [process.pid for process in processes]
-        batch = await one_batch(store, client, n_workers, pids, prefix)
+        batch = await one_batch(store, client, n_workers, pids, prefix, load)
         for process in processes:
             stop(process)
         if not all(process.returncode == 0 for process in processes):
@@ -278,14 +300,14 @@ async def one_setting(
 
 
 async def one_batch(
-    store: Store, client: Any, n_workers: int, pids: list[int], prefix: str
+    store: Store, client: Any, n_workers: int, pids: list[int], prefix: str, load: Load
 ) -> dict[str, Any]:
-    """Enqueue ``RUNS`` runs while the queue is held (limit 0), release them at once, and time
+    """Enqueue ``load.runs`` runs while the queue is held (limit 0), release them at once, and time
     them from the release to the last run's final checkpoint (store clock)."""
     await client.set_queue_limit("default", 0)
     start = time.perf_counter()
-    for i in range(RUNS):
-        await client.enqueue("trivial", i, run_id=f"{prefix}{i:05d}")
+    for i in range(load.runs):
+        await client.enqueue(load.pipeline, i, run_id=f"{prefix}{i:05d}")
     enqueue_s = time.perf_counter() - start
     await asyncio.sleep(0.5)  # the workers, woken by each enqueue, are idle again
     await idle(store, n_workers)
@@ -297,7 +319,7 @@ async def one_batch(
     t0 = await store.backend.store_time()
     await client.set_queue_limit("default", None)
     await store.backend.notify_work("default")
-    await wait_until(lambda: finished(store, f"{prefix}%", RUNS), "the timed runs", every=0.02)
+    await wait_until(lambda: finished(store, f"{prefix}%", load.runs), "the timed runs", every=0.02)
     machine_after = machine_cpu()
     self_after = time.process_time()
     postgres_after = await postgres_cpu(store)
@@ -309,7 +331,7 @@ async def one_batch(
         )
     )
     elapsed = end - t0
-    steps = RUNS * N_STEPS
+    steps = load.runs * N_STEPS
     ticks = os.sysconf("SC_CLK_TCK")
     machine_s = (machine_after[1] - machine_before[1]) / ticks
     busy_s = (machine_after[0] - machine_before[0]) / ticks
@@ -320,8 +342,8 @@ async def one_batch(
     return {
         "seconds": elapsed,
         "steps_per_s": steps / elapsed,
-        "runs_per_s": RUNS / elapsed,
-        "enqueue_runs_per_s": RUNS / enqueue_s,
+        "runs_per_s": load.runs / elapsed,
+        "enqueue_runs_per_s": load.runs / enqueue_s,
         "worker_cpu_us_per_step": workers_s / steps * 1e6,
         "postgres_cpu_us_per_step": postgres_s / steps * 1e6,
         "machine_cpu_busy": busy_s / max(machine_s, 1e-9),
@@ -329,7 +351,7 @@ async def one_batch(
         "postgres_rest_cpu_share": max(0.0, server_s - postgres_s) / max(machine_s, 1e-9),
         # Everything else that ran meanwhile on this shared machine, as a share of all cores.
         "other_cpu_share": max(0.0, others_s) / max(machine_s, 1e-9),
-        "correct": await batch_correct(store, prefix),
+        "correct": await batch_correct(store, prefix, load.runs),
     }
 
 
@@ -343,7 +365,7 @@ async def finished(store: Store, pattern: str, count: int) -> bool:
     return int(done) >= count
 
 
-async def batch_correct(store: Store, prefix: str) -> bool:
+async def batch_correct(store: Store, prefix: str, runs: int) -> bool:
     """Every run completed with output input + 10, ten step records each, no lease left."""
     good = await store.conn.fetchval(
         "SELECT count(*) FROM flujo_runs WHERE run_id LIKE $2 AND status = 'completed' "
@@ -355,10 +377,31 @@ async def batch_correct(store: Store, prefix: str) -> bool:
     records = await store.conn.fetchval(
         "SELECT count(*) FROM flujo_run_steps WHERE run_id LIKE $1", f"{prefix}%"
     )
-    return int(good) == RUNS and int(records) == RUNS * N_STEPS
+    return int(good) == runs and int(records) == runs * N_STEPS
 
 
-def bench_workers(directory: Path, concurrency: int) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What a workers workload runs: its pipeline, runs per batch, batches, what a step does."""
+
+    workload: str
+    pipeline: str
+    runs: int
+    batches: int
+    step: str
+
+
+TRIVIAL = Load("workers", "trivial", RUNS, BATCHES, "trivial async steps (x -> x + 1)")
+WAITING = Load(
+    "workers_io",
+    "waiting",
+    IO_RUNS,
+    IO_BATCHES,
+    f"async steps that wait {IO_WAIT_S * 1000:g} ms (a model or HTTP call), then x -> x + 1",
+)
+
+
+def bench_workers(directory: Path, concurrency: int, load: Load = TRIVIAL) -> dict[str, Any]:
     from flujo import TaskClient
 
     sys.path.insert(0, str(directory))
@@ -371,11 +414,11 @@ def bench_workers(directory: Path, concurrency: int) -> dict[str, Any]:
         try:
             # Rounds of every setting in turn, so that the shared machine's noise hits all alike.
             settings: dict[int, list[dict[str, Any]]] = {n: [] for n in WORKER_COUNTS}
-            for batch in range(BATCHES):
+            for batch in range(load.batches):
                 for n in WORKER_COUNTS:
                     prefix = f"b{batch}-w{n}-"
                     settings[n].append(
-                        await one_setting(directory, store, client, n, concurrency, prefix)
+                        await one_setting(directory, store, client, n, concurrency, prefix, load)
                     )
             return settings
         finally:
@@ -383,7 +426,7 @@ def bench_workers(directory: Path, concurrency: int) -> dict[str, Any]:
 
     settings = asyncio.run(go())
     cores = os.cpu_count()
-    load = os.getloadavg()[0]
+    loadavg = os.getloadavg()[0]
 
     def median(key: str, digits: int = 0) -> dict[str, Any]:
         return {
@@ -400,10 +443,10 @@ def bench_workers(directory: Path, concurrency: int) -> dict[str, Any]:
     best = max(steps, key=lambda n: steps[n])
     return {
         "framework": "flujo",
-        "workload": "workers",
+        "workload": load.workload,
         "n_steps": N_STEPS,
-        "runs": RUNS,
-        "batches": BATCHES,
+        "runs": load.runs,
+        "batches": load.batches,
         "concurrency": concurrency,
         "cpu_count": cores,
         "steps_per_s": steps,
@@ -418,10 +461,10 @@ def bench_workers(directory: Path, concurrency: int) -> dict[str, Any]:
         "postgres_rest_cpu_share": server_rest,
         "other_cpu_share": others,
         "enqueue_runs_per_s": median("enqueue_runs_per_s")[str(WORKER_COUNTS[0])],
-        "loadavg_1m_at_end": round(load, 2),
+        "loadavg_1m_at_end": round(loadavg, 2),
         "correct": all(b["correct"] for batches in settings.values() for b in batches),
         "notes": (
-            f"{RUNS} runs of {N_STEPS} trivial async steps (x -> x + 1) per batch; {BATCHES} "
+            f"{load.runs} runs of {N_STEPS} {load.step} per batch; {load.batches} "
             "batches per setting (medians), the settings taking turns round by round; each "
             f"batch on 1, 2 or 4 fresh `flujo worker --concurrency {concurrency}` processes "
             f"(started, warmed up with {concurrency} runs each, idle), enqueued while the queue "
@@ -595,6 +638,8 @@ def child(workload: str, concurrency: int) -> None:
         (directory / "bench_flows.py").write_text(FLOWS)
         if workload == "workers":
             result = bench_workers(directory, concurrency)
+        elif workload == "workers_io":
+            result = bench_workers(directory, concurrency, WAITING)
         elif workload == "takeover":
             result = bench_takeover(directory)
         else:
