@@ -68,9 +68,13 @@ BACKEND_FACTORIES: list[BackendFactory] = [
 ]
 
 
-@pytest.fixture(
-    params=[pytest.param(f, id=f.name, marks=f.marks) for f in BACKEND_FACTORIES],
-)
+def factory_params(keep: Callable[[BackendFactory], bool] = lambda f: True) -> list[Any]:
+    """``BACKEND_FACTORIES`` kept by ``keep``, as pytest params: for a module's own
+    ``backend_factory`` override, or ``parametrize("backend_factory", ..., indirect=True)``."""
+    return [pytest.param(f, id=f.name, marks=f.marks) for f in BACKEND_FACTORIES if keep(f)]
+
+
+@pytest.fixture(params=factory_params())
 def backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
     """The kind of backend under test (the suite runs once per kind)."""
     factory: BackendFactory = request.param

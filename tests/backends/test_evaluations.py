@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from backend_helpers import BackendFactory, sample_state
 
-from conftest import BACKEND_FACTORIES
+from conftest import factory_params
 from flujo.domain.usage import Usage
 from flujo.exceptions import InvalidRunIdError
 from flujo.state import FileBackend
@@ -38,11 +38,7 @@ def evaluation(
     )
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(f, id=f.name, marks=f.marks) for f in BACKEND_FACTORIES if f.name != "file"
-    ],
-)
+@pytest.fixture(params=factory_params(lambda f: f.name != "file"))
 def backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
     """The backends that keep evaluations (this module's own parametrization)."""
     factory: BackendFactory = request.param

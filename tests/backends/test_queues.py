@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from backend_helpers import BackendFactory, Store, checkpoint, run_header, step_record
 
-from conftest import BACKEND_FACTORIES
+from conftest import factory_params
 from flujo.exceptions import ConfigurationError, InvalidRunIdError, StateConflictError
 from flujo.state import FileBackend
 from flujo.state.backends.base import Claim, StateBackend, Wakeup, validate_queue_name
@@ -40,11 +40,7 @@ LONG = 600.0
 SHORT = 0.05
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(f, id=f.name, marks=f.marks) for f in BACKEND_FACTORIES if f.name != "file"
-    ],
-)
+@pytest.fixture(params=factory_params(lambda f: f.name != "file"))
 def backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
     """The backends that queue runs (this module's own parametrization)."""
     factory: BackendFactory = request.param
@@ -692,10 +688,9 @@ async def _separate_claimers(
 
 @pytest.mark.parametrize(
     "backend_factory",
-    [pytest.param(f, id=f.name, marks=f.marks) for f in BACKEND_FACTORIES if f.persistent
-     and f.name != "file"],
+    factory_params(lambda f: f.persistent and f.name != "file"),
     indirect=True,
-)  # fmt: skip
+)
 async def test_concurrent_claimers_of_separate_backends_never_share_a_run(
     backend_factory: BackendFactory,
     make_backend: Callable[..., StateBackend],
@@ -713,10 +708,9 @@ async def test_concurrent_claimers_of_separate_backends_never_share_a_run(
 
 @pytest.mark.parametrize(
     "backend_factory",
-    [pytest.param(f, id=f.name, marks=f.marks) for f in BACKEND_FACTORIES if f.persistent
-     and f.name != "file"],
+    factory_params(lambda f: f.persistent and f.name != "file"),
     indirect=True,
-)  # fmt: skip
+)
 async def test_concurrent_claimers_of_separate_backends_never_exceed_a_limit(
     backend_factory: BackendFactory,
     make_backend: Callable[..., StateBackend],
@@ -847,7 +841,7 @@ async def test_notify_cancel_reports_the_run(backend: StateBackend) -> None:
 
 @pytest.mark.parametrize(
     "backend_factory",
-    [pytest.param(f, id=f.name, marks=f.marks) for f in BACKEND_FACTORIES if f.postgres],
+    factory_params(lambda f: f.postgres),
     indirect=True,
 )
 async def test_postgres_notify_reaches_another_backend_instance(
@@ -879,7 +873,7 @@ async def test_postgres_notify_reaches_another_backend_instance(
 
 @pytest.mark.parametrize(
     "backend_factory",
-    [pytest.param(f, id=f.name, marks=f.marks) for f in BACKEND_FACTORIES if f.postgres],
+    factory_params(lambda f: f.postgres),
     indirect=True,
 )
 async def test_postgres_notifications_stay_in_their_schema(
