@@ -294,9 +294,11 @@ class TaskClient:
 
     async def cancel(self, run_id: str) -> str:
         """Cancel a run. A queued (or paused) run is cancelled at once and never starts; a
-        running one stops at its next step boundary (status ``cancelled``). Returns the run's
-        status after the request: ``cancelled``, ``running`` (it will stop), or the status
-        it had already finished with. Raises RunNotFoundError for an unknown id."""
+        running one is flagged: a worker running it stops it at its next step boundary
+        (status ``cancelled``); a run in a process of your own (``runner.run_async``) stops
+        only if it is resumed. Returns the run's status after the request: ``cancelled``,
+        ``running`` (flagged), or the status it had already finished with. Raises
+        RunNotFoundError for an unknown id."""
         validate_run_id(run_id)
         status = await self.backend.request_cancel(run_id)
         if status is None:
@@ -326,17 +328,21 @@ class TaskClient:
         return [BackgroundTask.model_validate(row) for row in rows]
 
     async def resume_background_task(
-        self, task_id: str, *, requeue: bool = False
+        self, task_id: str, *, requeue: bool = False, queue: str | None = None
     ) -> PipelineResult[Any, Any] | None:
         """Retry a background task from its last checkpoint: here (needs a registry; returns
-        its result), or, with ``requeue=True``, by handing it back to the workers (returns
-        None; a task that is neither failed nor abandoned raises StateConflictError)."""
+        its result), or, with ``requeue=True``, by handing it back to the workers on its queue
+        (or ``queue``; a local-mode task, which has none, goes to ``default``) and returning
+        None. Requeueing a task that is neither failed nor abandoned (running with no live
+        lease, or a local task that never started) raises StateConflictError."""
         validate_run_id(task_id)
         state = await self.backend.load_state(task_id)
         if state is None or (state.get("metadata") or {}).get(KIND) != "background":
             raise RunNotFoundError(f"no background task {task_id!r} in the store", run_id=task_id)
         if requeue:
-            if not await self.backend.requeue_run(task_id):
+            if queue is None and state.get("queue") is None:
+                queue = "default"
+            if not await self.backend.requeue_run(task_id, queue=queue):
                 raise StateConflictError(
                     f"background task {task_id!r} is {state['status']}: only a failed (or "
                     "abandoned) task is requeued",
@@ -344,7 +350,7 @@ class TaskClient:
                     expected_version=int(state["version"]),
                     actual_version=int(state["version"]),
                 )
-            await self.backend.notify_work(state.get("queue") or "default")
+            await self.backend.notify_work(queue or state.get("queue") or "default")
             return None
         runner = self._runner(state["pipeline_name"], state["pipeline_version"], task_id)
         return await runner.run_async(None, run_id=task_id)

@@ -697,7 +697,7 @@ def test_a_background_step_runs_beside_its_pipeline_locally(tmp_path: Path) -> N
     launched = result.step_history[1].output
     assert isinstance(launched, BackgroundLaunched)
     assert launched.task_id.startswith("bg-")
-    assert (launched.queue, launched.status) == ("default", "launched")
+    assert (launched.queue, launched.status) == (None, "launched")  # local: no worker claims it
     assert ("last", "BackgroundLaunched") in calls  # the next step got the launch
     assert result.final_pipeline_context.note == "set-by-first"  # the task has its own copy
     assert ("report", 2, "set-by-first", launched.task_id) in calls  # ... of the context
@@ -996,6 +996,104 @@ async def test_relaunching_a_background_step_creates_no_second_task(tmp_path: Pa
     assert [c for c in calls if c[0] == "report"] == [
         ("report", 2, "set-by-first", tasks[0]["run_id"])
     ]  # the task ran once
+
+
+async def test_a_local_task_that_never_ran_is_run_when_its_parent_is_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process died after storing the task and before running it or checkpointing the
+    launch: running the parent again finds the task unfinished, with no queue (so no worker
+    will take it), and runs it."""
+    calls: list[Any] = []
+    pipeline = background_pipeline(calls)
+    options: dict[str, Any] = {
+        "context_model": Ctx,
+        "pipeline_name": "p",
+        "pipeline_version": "1.0.0",
+        "background_mode": "local",
+    }
+    crashing = CrashOnce(tmp_path / "runs.db", "report")
+    runner = Flujo(pipeline, state_backend=crashing, **options)
+    monkeypatch.setattr(runner, "_spawn_background", lambda work, task_id: work.close())
+    with pytest.raises(StateBackendError):
+        await runner.run_async(1, run_id="parent-y")
+    await runner.aclose()
+    backend = SQLiteBackend(tmp_path / "runs.db")
+    [task] = await backend.list_runs(metadata_filter={"flujo.parent_run_id": "parent-y"})
+    assert (task["status"], task["queue"]) == ("queued", None)  # stored, never run
+
+    again = Flujo(pipeline, state_backend=SQLiteBackend(tmp_path / "runs.db"), **options)
+    result = await again.run_async(None, run_id="parent-y")
+    await again.aclose()
+    assert result.status == "completed"
+    state = await backend.load_state(task["run_id"])
+    await backend.aclose()
+    assert state is not None
+    assert state["status"] == "completed"
+    assert [c for c in calls if c[0] == "report"] == [("report", 2, "set-by-first", task["run_id"])]
+
+
+async def test_a_worker_never_claims_a_local_background_task(store: Store) -> None:
+    """Local mode runs the task on the launching runner's loop; a worker on the same store and
+    queue must not run it too."""
+    gate, started = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
+
+    @step(execution_mode="background")
+    async def slow(x: int, *, context: Ctx) -> int:
+        runs.append(context.run_id)
+        started.set()
+        await gate.wait()
+        return x
+
+    pipeline = Step.from_callable(lambda x: x, name="first") >> slow
+    registry = registry_of(pipeline)
+    worker = make_worker(store, registry)
+    runner = Flujo(
+        registry=registry,
+        pipeline_name="p",
+        context_model=Ctx,
+        state_backend=store.backend(),
+        background_mode="local",
+    )
+    async with working(worker):
+        result = await runner.run_async(1, run_id="parent-z")
+        assert result.status == "completed"
+        async with asyncio.timeout(GUARD_S):
+            await started.wait()
+        await asyncio.sleep(0.2)  # several idle rounds of the worker (it polls every 20 ms)
+        task_id = result.step_history[1].output.task_id
+        assert (await store.load(task_id))["locked_by"] is None
+        gate.set()
+        await runner.aclose()
+        assert worker.completed == 0
+    assert runs == [task_id]
+    assert await store.status(task_id) == "completed"
+
+
+async def test_a_stranded_local_task_is_requeued_for_the_workers(store: Store) -> None:
+    """A local task whose process died before it ran (queued, no queue) goes to the default
+    queue with resume_background_task(requeue=True), and a worker runs it."""
+    calls: list[Any] = []
+    pipeline = background_pipeline(calls)
+    registry = registry_of(pipeline)
+    runner = Flujo(
+        registry=registry,
+        pipeline_name="p",
+        context_model=Ctx,
+        state_backend=store.backend(),
+        background_mode="local",
+    )
+    runner._spawn_background = lambda work, task_id: work.close()  # type: ignore[method-assign]
+    result = await runner.run_async(1, run_id="parent-s")
+    task_id = result.step_history[1].output.task_id
+    assert (await store.load(task_id))["queue"] is None
+    client = TaskClient(store.backend(), registry)
+    assert await client.resume_background_task(task_id, requeue=True) is None
+    assert (await store.load(task_id))["queue"] == "default"
+    async with working(make_worker(store, registry)):
+        await wait_for_status(store, [task_id])
+    assert [c for c in calls if c[0] == "report"] == [("report", 2, "set-by-first", task_id)]
 
 
 async def test_resuming_a_parent_after_a_later_failure_launches_nothing_again(

@@ -12,8 +12,9 @@ idempotent: a parent that crashes after the launch and runs the step again finds
 already there.
 
 Where the task runs: ``"local"`` mode (the default) runs it on the launching runner's event loop
-(``Flujo.run()`` waits for it before returning); ``"queue"`` mode leaves it queued for workers
-(``flujo worker``), on the step's ``queue`` (default: the parent's queue, else ``default``).
+(``Flujo.run()`` waits for it before returning); it is stored with no queue, so no worker ever
+claims it. ``"queue"`` mode leaves it queued for workers (``flujo worker``), on the step's
+``queue`` (default: the parent's queue, else ``default``).
 """
 
 from __future__ import annotations
@@ -106,19 +107,25 @@ class BackgroundLauncher:
         """Store the task (once), start it (locally) or announce it (queue); describe it."""
         location = path if path is not None else (index,)
         task_id = background_task_id(self.run_id, location)
-        queue = step.config.queue or self.parent_queue or "default"
         runner = self.runner
         backend = runner.state_backend
         started = now()
+        queue: str | None = None  # local mode: no worker may claim the task
         if backend is None:  # nothing is stored: the step simply runs beside the pipeline
             runner._spawn_background(_run_unstored(runner, step, data, context), task_id)
-        else:
-            if runner._resolved_background_mode() == "queue":
-                runner._check_runnable_by_workers()
-            created = await self._store(step, data, context, task_id, location, queue)
-            if runner._resolved_background_mode() == "queue":
-                await backend.notify_work(queue)
-            elif created:
+        elif runner._resolved_background_mode() == "queue":
+            runner._check_runnable_by_workers()
+            queue = step.config.queue or self.parent_queue or "default"
+            await self._store(step, data, context, task_id, location, queue)
+            await backend.notify_work(queue)
+        elif await self._store(step, data, context, task_id, location, None):
+            runner._spawn_background(runner.run_async(None, run_id=task_id), task_id)
+        elif task_id not in runner._background_ids:
+            # Launched before, by an attempt of the parent that did not checkpoint the launch
+            # (it crashed): if the task did not finish, nothing runs it now but this runner.
+            stored = await backend.load_state(task_id)
+            unfinished = stored is not None and stored["status"] in ("queued", "running")
+            if unfinished and stored is not None and stored.get("queue") is None:
                 runner._spawn_background(runner.run_async(None, run_id=task_id), task_id)
         launched = BackgroundLaunched(task_id=task_id, queue=queue)
         return StepResult(step.name, launched, True, 1, now() - started, None, index, path)
@@ -130,9 +137,10 @@ class BackgroundLauncher:
         context: Any,
         task_id: str,
         location: tuple[int | str, ...],
-        queue: str,
+        queue: str | None,
     ) -> bool:
-        """Store the task as a queued run; False if it was stored before (a relaunch)."""
+        """Store the task as a queued run (``queue`` None: run here, never claimed by a
+        worker); False if it was stored before (a relaunch)."""
         from flujo.application.state_manager import StateManager  # noqa: PLC0415
 
         runner = self.runner

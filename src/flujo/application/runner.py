@@ -208,6 +208,7 @@ class Flujo(Generic[InT, OutT, CtxT]):
         """Where background steps' tasks run: ``"local"`` (on this runner's event loop) or
         ``"queue"`` (for workers); None: the ``background_mode`` setting (default local)."""
         self._background: set[asyncio.Task[Any]] = set()
+        self._background_ids: set[str] = set()  # the tasks of those (local background tasks)
         self._children: dict[tuple[str, tuple[int | str, ...]], Pipeline[Any, Any]] = {}
         self._shadow: ShadowEvaluator | None = None
         if shadow_eval is None and os.environ.get("FLUJO_SHADOW_EVAL_ENABLED"):
@@ -496,7 +497,13 @@ class Flujo(Generic[InT, OutT, CtxT]):
         """Run a background task on this event loop, keeping hold of it until it ends."""
         task = asyncio.ensure_future(_logged(work, task_id))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background_ids.add(task_id)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._background.discard(task)
+            self._background_ids.discard(task_id)
+
+        task.add_done_callback(done)
 
     def _launcher(self, run: _Run[CtxT]) -> BackgroundLauncher:
         from flujo.application.background import BackgroundLauncher  # noqa: PLC0415

@@ -403,8 +403,9 @@ class StateBackend(ABC):
     async def requeue_run(
         self, run_id: str, *, queue: str | None = None, priority: int | None = None
     ) -> bool:
-        """Put a failed (or running but unleased) run back in its queue (or ``queue``);
-        False if the run is not there or in another state."""
+        """Put a failed (or running but unleased) run back in its queue (or ``queue``); a
+        queued run with no queue (a local background task that never started) is put in
+        ``queue``. False if the run is not there, in another state, or has no queue."""
         raise NotImplementedError(f"{type(self).__name__} does not queue runs")
 
     async def request_cancel(self, run_id: str) -> str | None:

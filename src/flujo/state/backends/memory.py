@@ -242,7 +242,8 @@ class InMemoryBackend(StateBackend):
             abandoned = run.status == "running" and (
                 run.locked_by is None or (run.lease_expires_at or 0) < current
             )
-            if run.status != "failed" and not abandoned:
+            unqueued = run.status == "queued" and run.queue is None
+            if run.status != "failed" and not abandoned and not unqueued:
                 return False
             run.queue = queue or run.queue
             run.priority = run.priority if priority is None else priority

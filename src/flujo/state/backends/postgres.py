@@ -285,7 +285,7 @@ SET status = 'queued', queue = COALESCE($2, queue), priority = COALESCE($3, prio
     locked_by = NULL, lease_expires_at = NULL, cancel_requested = false,
     version = version + 1, updated_at = extract(epoch FROM clock_timestamp())
 WHERE run_id = $1 AND COALESCE($2, queue) IS NOT NULL
-  AND (status = 'failed'
+  AND (status = 'failed' OR (status = 'queued' AND queue IS NULL)
        OR (status = 'running'
            AND (locked_by IS NULL OR lease_expires_at < extract(epoch FROM clock_timestamp()))))
 RETURNING queue

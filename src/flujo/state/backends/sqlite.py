@@ -929,6 +929,7 @@ _REQUEUE = (
     "priority = COALESCE(?, priority), locked_by = NULL, lease_expires_at = NULL, "
     "cancel_requested = 0, version = version + 1, updated_at = ? "
     "WHERE run_id = ? AND COALESCE(?, queue) IS NOT NULL AND (status = 'failed' OR "
+    "(status = 'queued' AND queue IS NULL) OR "
     "(status = 'running' AND (locked_by IS NULL OR lease_expires_at < ?)))"
 )
 _CANCEL_NOW = (
