@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -26,8 +27,9 @@ def _postgres_reachable() -> bool:
             conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
             await conn.close()
 
-        try:
-            asyncio.run(probe())
+        try:  # on a thread of its own: the caller may be inside a running event loop
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(lambda: asyncio.run(probe())).result()
             _reachable = True
         except Exception:
             _reachable = False

@@ -53,6 +53,7 @@ from flujo.exceptions import (
 )
 from flujo.state import FileBackend, InMemoryBackend, SQLiteBackend, StateBackend
 from flujo.state.backends.base import Checkpoint
+from flujo.state.backends.postgres import PostgresBackend
 from flujo.worker import Worker
 
 #: Bound on every wait for something the test expects (a hang fails instead of blocking).
@@ -70,19 +71,25 @@ class Ctx(PipelineContext):
 
 
 class Store:
-    """One test's store: ``memory`` (one shared instance) or ``sqlite`` (a file in tmp_path,
-    every ``backend()`` a connection of its own)."""
+    """One test's store: ``memory`` (one shared instance), ``sqlite`` (a file in tmp_path) or
+    ``postgres`` (a fresh schema); every ``backend()`` of the last two is a connection (pool)
+    of its own, as another process's would be."""
 
-    def __init__(self, kind: str, tmp_path: Path) -> None:
+    def __init__(self, kind: str, tmp_path: Path, dsn: str = "", schema: str = "") -> None:
         self.kind = kind
         self.path = tmp_path / "runs.db"
+        self.dsn, self.schema = dsn, schema
         self._memory = InMemoryBackend()
         self._opened: list[StateBackend] = []
 
     def backend(self) -> StateBackend:
         if self.kind == "memory":
             return self._memory
-        backend = SQLiteBackend(self.path)
+        backend: StateBackend
+        if self.kind == "postgres":
+            backend = PostgresBackend(self.dsn, schema=self.schema, pool_min=0, pool_max=4)
+        else:
+            backend = SQLiteBackend(self.path)
         self._opened.append(backend)
         return backend
 
@@ -101,9 +108,29 @@ class Store:
         await self._memory.aclose()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = Store(request.param, tmp_path)
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_kind(request: pytest.FixtureRequest) -> tuple[str, str, str]:
+    """The kind of store, and for Postgres its DSN and a fresh schema (the Postgres fixtures
+    are only requested by the Postgres cases, so the others never skip for want of a server)."""
+    if request.param != "postgres":
+        return request.param, "", ""
+    return (
+        "postgres",
+        request.getfixturevalue("postgres_dsn"),
+        request.getfixturevalue("postgres_schema"),
+    )
+
+
+@pytest.fixture
+async def store(store_kind: tuple[str, str, str], tmp_path: Path) -> AsyncIterator[Store]:
+    kind, dsn, schema = store_kind
+    if kind == "postgres":
+        opened = Store("postgres", tmp_path, dsn, schema)
+        migrating = PostgresBackend(dsn, schema=opened.schema, pool_min=0, pool_max=1)
+        await migrating.migrate()
+        await migrating.aclose()
+    else:
+        opened = Store(kind, tmp_path)
     yield opened
     await opened.close()
 
