@@ -53,7 +53,7 @@ def _postgres(store: Store, **kwargs: Any) -> StateBackend:
 async def _migrate_postgres(store: Store) -> None:
     backend = _postgres(store)
     try:
-        assert await backend.migrate() == [1]
+        assert await backend.migrate() == [1, 2]
     finally:
         await backend.aclose()
 

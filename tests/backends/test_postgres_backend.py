@@ -58,7 +58,7 @@ async def open_postgres(postgres_dsn: str, postgres_schema: str) -> AsyncIterato
 async def pg(open_postgres: OpenPostgres) -> PostgresBackend:
     """A backend on a freshly migrated schema."""
     backend = open_postgres()
-    assert await backend.migrate() == [1]
+    assert await backend.migrate() == [1, 2]
     return backend
 
 
@@ -112,11 +112,11 @@ async def test_migrate_is_idempotent_and_reports_what_it_applied(
     backend = open_postgres()
     assert await backend.schema_version() == 0
 
-    assert await backend.migrate() == [1]
+    assert await backend.migrate() == [1, 2]
     assert await backend.migrate() == []
     assert await open_postgres().migrate() == []  # another backend on the same schema
 
-    assert await backend.schema_version() == len(MIGRATIONS) == 1
+    assert await backend.schema_version() == len(MIGRATIONS) == 2
     assert await _tables(postgres_dsn, postgres_schema) == {
         "flujo_runs",
         "flujo_run_context",
@@ -128,7 +128,7 @@ async def test_migrate_is_idempotent_and_reports_what_it_applied(
         "flujo_workers",
     }
     rows = await _sql(postgres_dsn, postgres_schema, "SELECT version FROM flujo_schema_version")
-    assert [row["version"] for row in rows] == [1]
+    assert [row["version"] for row in rows] == [1, 2]
     await backend.save_state("r", sample_state("r"))
     assert await backend.load_state("r") == sample_state("r")
 
@@ -158,7 +158,7 @@ async def test_an_unmigrated_schema_is_refused_before_any_write(
     )
     assert len(schemas) == (1 if schema_exists else 0)
     # Migrating makes the same backend usable.
-    assert await backend.migrate() == [1]
+    assert await backend.migrate() == [1, 2]
     await backend.save_state("r", sample_state("r"))
     assert await backend.load_state("r") == sample_state("r")
 
@@ -202,7 +202,7 @@ async def test_a_newer_schema_is_refused(
     )
     assert [tuple(row) for row in rows] == [("r", "running", 2)]
     versions = await _sql(postgres_dsn, postgres_schema, "SELECT version FROM flujo_schema_version")
-    assert sorted(row["version"] for row in versions) == [1, newer]
+    assert sorted(row["version"] for row in versions) == [*range(1, newer + 1)]
 
 
 async def test_concurrent_migrations_apply_each_migration_once(
@@ -212,11 +212,11 @@ async def test_concurrent_migrations_apply_each_migration_once(
 
     results = await asyncio.gather(*(backend.migrate() for backend in backends))
 
-    assert sorted(results) == [[], [], [], [1]]
+    assert sorted(results) == [[], [], [], [1, 2]]
     rows = await _sql(postgres_dsn, postgres_schema, "SELECT version FROM flujo_schema_version")
-    assert [row["version"] for row in rows] == [1]
+    assert [row["version"] for row in rows] == [1, 2]
     for backend in backends:
-        assert await backend.schema_version() == 1
+        assert await backend.schema_version() == len(MIGRATIONS)
     await backends[0].save_state("r", sample_state("r"))
     assert await backends[3].load_state("r") == sample_state("r")
 
@@ -238,9 +238,9 @@ async def test_concurrent_migrations_from_two_event_loops(
 
     results = await asyncio.gather(*(asyncio.to_thread(migrate, b) for b in backends))
 
-    assert sorted(results) == [[], [1]]
+    assert sorted(results) == [[], [1, 2]]
     rows = await _sql(postgres_dsn, postgres_schema, "SELECT version FROM flujo_schema_version")
-    assert [row["version"] for row in rows] == [1]
+    assert [row["version"] for row in rows] == [1, 2]
 
 
 # -- configuration ---------------------------------------------------------------------------------

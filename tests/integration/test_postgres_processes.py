@@ -82,7 +82,7 @@ class PgStore:
 
 async def _migrate(store: PgStore) -> None:
     async with store.backend() as backend:
-        assert await backend.migrate() == [1]
+        assert await backend.migrate() == [1, 2]
 
 
 @pytest.fixture

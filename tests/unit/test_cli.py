@@ -217,12 +217,12 @@ def test_usage_errors_are_one_line_with_exit_2(workdir: Path, args: list[str]) -
 def test_migrate_sqlite_creates_then_reports_nothing_to_do(workdir: Path) -> None:
     first = invoke("migrate")
     assert_ok(first)
-    assert "Applied migration 1 to sqlite:///" in first.stdout
-    assert "schema at version 1" in first.stdout
+    assert "Applied migrations 1, 2 to sqlite:///" in first.stdout
+    assert "schema at version 2" in first.stdout
     assert (workdir / "runs.db").exists()
     again = invoke("migrate")
     assert_ok(again)
-    assert "Already at schema version 1" in again.stdout
+    assert "Already at schema version 2" in again.stdout
     assert "nothing to do" in again.stdout
 
 
@@ -235,8 +235,8 @@ def test_migrate_sqlite_file_without_flujo_tables(workdir: Path) -> None:
     conn.close()
     result = invoke("migrate")
     assert_ok(result)
-    assert "Applied migration 1 to sqlite:///" in result.stdout
-    assert "schema at version 1." in result.stdout
+    assert "Applied migrations 1, 2 to sqlite:///" in result.stdout
+    assert "schema at version 2." in result.stdout
 
 
 def test_migrate_memory_store_has_nothing_to_migrate(
@@ -309,12 +309,12 @@ def test_migrate_postgres_then_run_and_list(
 
     first = invoke("migrate")
     assert_ok(first)
-    assert first.stdout.startswith("Applied migration 1 to postgresql://")
+    assert first.stdout.startswith("Applied migrations 1, 2 to postgresql://")
     assert ":***@" in first.stdout
-    assert "schema at version 1." in first.stdout
+    assert "schema at version 2." in first.stdout
     again = invoke("migrate")
     assert_ok(again)
-    assert "Already at schema version 1" in again.stdout
+    assert "Already at schema version 2" in again.stdout
     assert "nothing to do" in again.stdout
     assert password not in first.stdout + again.stdout
 

@@ -67,10 +67,8 @@ __all__ = ["MIGRATIONS", "PostgresBackend"]
 
 logger = logging.getLogger("flujo.state.postgres")
 
-#: The schema, as an ordered list: migration N (1-based) brings the database to version N.
-#: Append new migrations; never edit a released one.
-MIGRATIONS: tuple[str, ...] = (
-    """
+#: Migration 1: the whole schema, as a database set up today gets it.
+_SCHEMA_1 = """
     CREATE TABLE flujo_runs (
         run_id text PRIMARY KEY,
         pipeline_id text NOT NULL,
@@ -142,8 +140,42 @@ MIGRATIONS: tuple[str, ...] = (
         started_at double precision NOT NULL,
         heartbeat_at double precision NOT NULL
     );
-    """,
+    """
+
+#: Migration 2: bring a database set up by an earlier build of migration 1 (which changed
+#: before release) to the schema migration 1 makes now: state columns that were jsonb become
+#: json (exact text), the missing flujo_runs columns, tables and indexes. A no-op on a database
+#: migration 1 set up today.
+_JSON_AND_COLUMNS = """
+    DO $$
+    DECLARE c record;
+    BEGIN
+        FOR c IN
+            SELECT table_name, column_name FROM information_schema.columns
+            WHERE table_schema = current_schema() AND data_type = 'jsonb'
+              AND table_name IN ('flujo_runs', 'flujo_run_context', 'flujo_run_steps')
+              AND column_name <> 'metadata'
+        LOOP
+            EXECUTE format('ALTER TABLE %I ALTER COLUMN %I TYPE json USING %I::json',
+                           c.table_name, c.column_name, c.column_name);
+        END LOOP;
+    END $$;
+    ALTER TABLE flujo_runs
+        ADD COLUMN IF NOT EXISTS usage json,
+        ADD COLUMN IF NOT EXISTS queue text,
+        ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS locked_by text,
+        ADD COLUMN IF NOT EXISTS lease_expires_at double precision,
+        ADD COLUMN IF NOT EXISTS cancel_requested boolean NOT NULL DEFAULT false;
+    """
+_SCHEMA_1_IF_MISSING = _SCHEMA_1.replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ").replace(
+    "CREATE INDEX ", "CREATE INDEX IF NOT EXISTS "
 )
+_CATCH_UP = _JSON_AND_COLUMNS + _SCHEMA_1_IF_MISSING
+
+#: The schema, as an ordered list: migration N (1-based) brings the database to version N.
+#: Append new migrations; never edit one.
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_1, _CATCH_UP)
 
 _MIGRATION_LOCK = 0x666C756A6F  # "flujo": serializes concurrent `flujo migrate` runs
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

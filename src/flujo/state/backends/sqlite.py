@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -52,10 +52,8 @@ logger = logging.getLogger("flujo.state.sqlite")
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-#: The schema, as an ordered list: migration N (1-based) brings the store to version N.
-#: Append new migrations; never edit a released one.
-MIGRATIONS: tuple[str, ...] = (
-    """
+#: Migration 1: the whole schema, as a store made today gets it.
+_SCHEMA_1 = """
     CREATE TABLE runs (
         run_id TEXT PRIMARY KEY,
         pipeline_id TEXT NOT NULL,
@@ -133,8 +131,41 @@ MIGRATIONS: tuple[str, ...] = (
         started_at REAL NOT NULL,
         heartbeat_at REAL NOT NULL
     );
-    """,
+    """
+
+#: Columns of ``runs`` that migration 1 gained while flujo was unreleased (0.1.0), with the
+#: definitions that add them to a store made by an earlier build of it.
+_RUNS_COLUMNS_ADDED = (
+    ("metadata", "BLOB NOT NULL DEFAULT X'7B7D'"),  # b"{}"
+    ("usage", "BLOB"),
+    ("queue", "TEXT"),
+    ("priority", "INTEGER NOT NULL DEFAULT 0"),
+    ("locked_by", "TEXT"),
+    ("lease_expires_at", "REAL"),
+    ("cancel_requested", "INTEGER NOT NULL DEFAULT 0"),
 )
+
+
+def _catch_up(conn: sqlite3.Connection) -> None:
+    """Migration 2: bring a store made by an earlier build of migration 1 (which changed
+    before release) to the schema migration 1 makes now: the missing ``runs`` columns, tables
+    and indexes. A no-op on a store migration 1 made today."""
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(runs)")}
+    for name, definition in _RUNS_COLUMNS_ADDED:
+        if name not in columns:
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {definition}")
+    for statement in _SCHEMA_1.split(";"):
+        if statement.strip():
+            conn.execute(
+                statement.replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ", 1).replace(
+                    "CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1
+                )
+            )
+
+
+#: The schema, as an ordered list: migration N (1-based) brings the store to version N (SQL
+#: statements, or a function of the connection). Append new migrations; never edit one.
+MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (_SCHEMA_1, _catch_up)
 
 # A run's state rows, runs last (a whole-state save replaces these), and everything deleted
 # with a run (its evaluations too).
@@ -274,7 +305,13 @@ class SQLiteBackend(StateBackend):
                         expected=len(MIGRATIONS),
                     )
                 for number in range(current + 1, len(MIGRATIONS) + 1):
-                    for statement in MIGRATIONS[number - 1].split(";"):
+                    migration = MIGRATIONS[number - 1]
+                    if callable(migration):
+                        migration(conn)
+                        statements: list[str] = []
+                    else:
+                        statements = migration.split(";")
+                    for statement in statements:
                         if statement.strip():
                             conn.execute(statement)
                     conn.execute(
