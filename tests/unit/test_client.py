@@ -22,6 +22,7 @@ from flujo import (
     PipelineContext,
     PipelineRegistry,
     PipelineResult,
+    Step,
     StepResult,
     TaskClient,
     TaskDetail,
@@ -546,6 +547,35 @@ async def test_resume_task_continues_a_failed_run_with_its_typed_context(
     assert detail.error is None
     assert detail.last_step_output == "A-5: 25.00 EUR"
     assert detail.context["log"] == ["fetched", "charged", "shipped"]
+
+
+async def test_resume_task_continues_a_run_of_an_unversioned_pipeline(
+    client: TaskClient, backend: StateBackend, registry: PipelineRegistry, world: World
+) -> None:
+    """``Flujo(pipeline)`` records version "latest" (so do ``flujo run`` runs): the client
+    resumes such a run on the newest registered version whose steps are the run's."""
+    world.ship_works = False
+    unversioned = Flujo(
+        registry.get("orders", "1.0.0"),
+        pipeline_name="orders",
+        context_model=OrderContext,
+        state_backend=backend,
+    )
+    failed = await unversioned.run_async("A-9", run_id="no-version")
+    assert failed.status == "failed"
+    assert (await client.get_task("no-version")).pipeline_version == "latest"  # type: ignore[union-attr]
+
+    world.ship_works = True
+    result = await client.resume_task("no-version")
+    assert result.status == "completed"
+    assert result.output == "A-9: 25.00 EUR"
+    assert world.calls == ["fetch", "charge", "ship", "ship"]
+
+    registry.register(Step.from_callable(lambda x: x, name="other"), "orders", "2.0.0")
+    world.ship_works = False
+    assert (await unversioned.run_async("A-10", run_id="no-version-2")).status == "failed"
+    with pytest.raises(PipelineMismatchError, match="now has steps"):  # 2.0.0: other steps
+        await client.resume_task("no-version-2")
 
 
 async def test_resume_task_of_a_completed_run_returns_the_stored_result(

@@ -654,7 +654,11 @@ class Flujo(Generic[InT, OutT, CtxT]):
         pipeline = None
         if self._pipeline is not None and version == self.pipeline_version:
             pipeline = self._pipeline
-        elif self.registry is not None and version != "latest":
+        elif self.registry is not None and version == "latest":
+            # A run of an unversioned pipeline (Flujo(pipeline), flujo run): the newest
+            # registered version, if its steps are the run's (checked below).
+            pipeline = self.registry.get_latest(name)
+        elif self.registry is not None:
             pipeline = self.registry.get(name, version)
         if pipeline is None:
             raise PipelineMismatchError(
