@@ -29,7 +29,7 @@ import sys
 import threading
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -53,12 +53,18 @@ try:
         CachePoint,
         DocumentUrl,
         ImageUrl,
+        ModelRequest,
         ModelResponse,
         NativeOutput,
         PromptedOutput,
+        RetryPromptPart,
         RunUsage,
+        SystemPromptPart,
+        TextPart,
         ToolCallPart,
         ToolOutput,
+        ToolReturnPart,
+        UserPromptPart,
         VideoUrl,
         capture_run_messages,
     )
@@ -855,6 +861,82 @@ class PydanticAIAgent:
 
     # ----------------------------------------------------------------------------------------
 
+    # -- granular steps: one model turn at a time --------------------------------------------
+
+    @property
+    def tools(self) -> dict[str, Callable[..., Any]]:
+        """The agent's function tools by name: what a granular step calls for it."""
+        found: dict[str, Callable[..., Any]] = {}
+        for toolset in self.agent.toolsets:
+            for name, tool in (getattr(toolset, "tools", None) or {}).items():
+                function = getattr(tool, "function", None)
+                if callable(function) and not getattr(tool, "takes_ctx", False):
+                    found[name] = function
+        return found
+
+    async def turn(self, transcript: Sequence[Mapping[str, Any]]) -> Any:
+        """One model turn of a granular step (``Step.granular(name, agent)``): the transcript
+        so far to the model, with the agent's system prompt and tools, in one request; its
+        reply as an :class:`~flujo.AgentTurn` (tool calls to make, or the final output).
+
+        The step, not pydantic-ai, calls the tools (so each call gets its idempotency key and
+        its result is committed); a tool's ``idempotency_key`` parameter is hidden from the
+        model. Usage is reported as for :meth:`run`; the final text is turned into
+        :attr:`output_type` as in ``"text"`` mode.
+        """
+        from pydantic_ai.direct import model_request  # noqa: PLC0415
+        from pydantic_ai.models import ModelRequestParameters  # noqa: PLC0415
+
+        from flujo.domain.granular import AgentTurn, ToolCall  # noqa: PLC0415
+
+        check_usage_limits()
+        model = self.agent.model
+        if model is None:
+            raise ConfigurationError(
+                f"agent {self.name!r} has no model: a granular step needs one (give the "
+                "pydantic-ai Agent a model)"
+            )
+        params = ModelRequestParameters(function_tools=self._tool_definitions())
+        response = await model_request(
+            model, _turn_messages(self.agent, transcript), model_request_parameters=params
+        )
+        usage = RunUsage(
+            requests=1,
+            input_tokens=response.usage.input_tokens,
+            output_tokens=response.usage.output_tokens,
+        )
+        self._report(usage, [response])
+        calls = [
+            ToolCall(part.tool_name, part.args_as_dict())
+            for part in response.parts
+            if isinstance(part, ToolCallPart)
+        ]
+        text = "".join(part.content for part in response.parts if isinstance(part, TextPart))
+        if calls:
+            return AgentTurn(output=text or None, tool_calls=calls)
+        if self.output_type is str or self.output_type is Any:
+            return AgentTurn(output=text)
+        return AgentTurn(output=coerce_output(text, self.output_type, self.coercion_level))
+
+    def _tool_definitions(self) -> list[ToolDefinition]:
+        definitions = []
+        for toolset in self.agent.toolsets:
+            for tool in (getattr(toolset, "tools", None) or {}).values():
+                definition = getattr(tool, "tool_def", None)
+                if definition is None or getattr(tool, "takes_ctx", False):
+                    continue
+                schema = dict(definition.parameters_json_schema)
+                properties = dict(schema.get("properties", {}))
+                if (
+                    properties.pop("idempotency_key", None) is not None
+                ):  # the step's, not the model's
+                    schema["properties"] = properties
+                    schema["required"] = [
+                        r for r in schema.get("required", []) if r != "idempotency_key"
+                    ]
+                definitions.append(replace(definition, parameters_json_schema=schema))
+        return definitions
+
     def _deps_for(self, context: Any, resources: Any) -> Any:
         if self._deps is None:
             return None
@@ -930,6 +1012,56 @@ class PydanticAIAgent:
         return price_of(
             model_name or self.name, usage.input_tokens, usage.output_tokens, pricing=self.pricing
         )
+
+
+def _turn_messages(agent: Any, transcript: Sequence[Mapping[str, Any]]) -> list[ModelMessage]:
+    """A granular step's transcript as pydantic-ai messages (tool call ids by position)."""
+    system = [SystemPromptPart(text) for text in getattr(agent, "_system_prompts", ()) or ()]
+    messages: list[ModelMessage] = []
+    pending: list[Any] = list(system)
+    turn = 0
+    calls: list[str] = []
+    for message in transcript:
+        role = message.get("role")
+        if role == "user":
+            pending.append(UserPromptPart(_prompt(message.get("content"))))
+        elif role == "assistant":
+            if pending:
+                messages.append(ModelRequest(parts=pending))
+                pending = []
+            parts: list[Any] = []
+            if message.get("content"):
+                parts.append(TextPart(_as_text(message["content"])))
+            calls = []
+            for index, call in enumerate(message.get("tool_calls") or ()):
+                call_id = f"flujo-{turn}-{index}"
+                calls.append(call_id)
+                parts.append(ToolCallPart(call["name"], dict(call.get("args") or {}), call_id))
+            messages.append(ModelResponse(parts=parts))
+            turn += 1
+        elif role == "tool":
+            call_id = calls.pop(0) if calls else f"flujo-{turn}-x"
+            if "error" in message:
+                pending.append(
+                    RetryPromptPart(
+                        str(message["error"]), tool_name=message.get("name"), tool_call_id=call_id
+                    )
+                )
+            else:
+                pending.append(
+                    ToolReturnPart(str(message.get("name")), message.get("content"), call_id)
+                )
+    if pending:
+        messages.append(ModelRequest(parts=pending))
+    return messages
+
+
+def _as_text(value: Any) -> str:
+    return (
+        value
+        if isinstance(value, str)
+        else orjson.dumps(value, default=flujo_default_serializer).decode()
+    )
 
 
 def _warn_once(key: str, message: str, *args: Any) -> None:

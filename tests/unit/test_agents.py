@@ -915,3 +915,85 @@ def test_a_run_limit_stops_the_pipeline_before_the_next_agent_call() -> None:
         runner.run("hi")
     assert script.calls == 0
     assert info.value.usage.requests == 1
+
+
+# -- granular steps with pydantic-ai agents --------------------------------------------------------
+
+
+class Forecast(BaseModel):
+    city: str
+    sky: str
+
+
+def lookup(city: str) -> str:
+    """The sky over a city."""
+    return f"sunny in {city}"
+
+
+def weather_model(seen: list[list[ModelMessage]], final: str) -> FunctionModel:
+    """Asks for lookup(city="Lima") first; answers ``final`` once it has the tool's result."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        seen.append(list(messages))
+        offered = {tool.name: tool.parameters_json_schema for tool in info.function_tools}
+        assert "idempotency_key" not in offered["lookup"]["properties"]  # the step's, hidden
+        returned = [p for m in messages for p in m.parts if p.part_kind == "tool-return"]
+        if not returned:
+            return ModelResponse(parts=[ToolCallPart("lookup", {"city": "Lima"})])
+        return ModelResponse(parts=[TextPart(final)])
+
+    return FunctionModel(respond)
+
+
+def test_a_pydantic_ai_agent_runs_as_a_granular_step() -> None:
+    keys: list[str] = []
+
+    def lookup(city: str, idempotency_key: str = "") -> str:
+        """The sky over a city."""
+        keys.append(idempotency_key)
+        return f"sunny in {city}"
+
+    seen: list[list[ModelMessage]] = []
+    agent = Agent(weather_model(seen, "It is sunny."), system_prompt="Be brief.", tools=[lookup])
+    granular = Step.granular("ask", agent, max_turns=3, enforce_idempotency=True)
+    result = Flujo(granular, persist_state=False).run("Weather in Lima?", run_id="wx")
+    assert result.status == "completed", result.error
+    assert result.output == "It is sunny."
+    assert keys == ["wx:0:0:0"]  # run, step path, turn, call
+    assert result.usage is not None
+    assert result.usage.requests == 2
+    first = seen[0][0]
+    assert isinstance(first, ModelRequest)
+    assert [p.part_kind for p in first.parts] == ["system-prompt", "user-prompt"]
+    assert [p.part_kind for p in seen[1][-1].parts] == ["tool-return"]  # the tool's result
+
+
+def test_a_granular_pydantic_ai_turn_gives_the_output_type() -> None:
+    seen: list[list[ModelMessage]] = []
+    agent = make_agent(
+        weather_model(seen, '```json\n{"city": "Lima", "sky": "sunny"}\n```'),
+        output_type=Forecast,
+        tools=[lookup],
+    )
+    granular = Step.granular("ask", agent)
+    result = Flujo(granular, persist_state=False).run("Weather in Lima?")
+    assert result.status == "completed", result.error
+    assert result.output == Forecast(city="Lima", sky="sunny")
+
+
+def test_a_granular_pydantic_ai_step_stops_at_a_usage_limit() -> None:
+    seen: list[list[ModelMessage]] = []
+    agent = Agent(weather_model(seen, "done"), tools=[lookup])
+    granular = Step.granular("ask", agent)
+    runner = Flujo(granular, persist_state=False, usage_limits=UsageLimits(request_limit=1))
+    with pytest.raises(UsageLimitExceededError):
+        runner.run("Weather?")
+    assert len(seen) == 1  # the second turn was never requested
+
+
+def test_a_granular_step_needs_a_model() -> None:
+    granular = Step.granular("ask", Agent(None), tools={})
+    result = Flujo(granular, persist_state=False).run("hi")
+    assert result.status == "failed"
+    assert result.error is not None
+    assert "has no model" in result.error.message

@@ -31,7 +31,7 @@ from typing_extensions import TypeVar
 from flujo.application.core.frame import call_user
 from flujo.domain.control import _Composite
 from flujo.domain.models import StepError, StepResult
-from flujo.domain.step import _in_thread
+from flujo.domain.step import _as_agent, _in_thread
 from flujo.domain.usage import Usage, check_usage_limits, count_recorded, current_step_meter
 from flujo.exceptions import RUN_STOPPERS, ConfigurationError, IterationLimitError
 from flujo.governance import current_policy
@@ -98,6 +98,7 @@ class GranularStep(_Composite[InT, OutT]):
         **options: Any,
     ) -> None:
         super().__init__(name, **options)
+        agent = _as_agent(agent)  # a pydantic_ai.Agent takes its turns through the adapter
         turn = getattr(agent, "turn", None)
         if not callable(turn):
             raise ConfigurationError(
