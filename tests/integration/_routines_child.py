@@ -35,7 +35,9 @@ def run_scenario(config: dict[str, Any], scenario: dict[str, Any]) -> None:
     registry = FlowRegistry()
     registry.register_by_name(config["flow"], build(scenario["effects"]))
     if config["backend"] == "sqlite":
-        backend: Any = KillingSQLite(config["store"])
+        # Up to PARALLEL processes write one file at once, on a machine that may be busy:
+        # a long busy timeout, so that waiting for the others never fails a scenario.
+        backend: Any = KillingSQLite(config["store"], busy_timeout_s=60.0)
     else:
         backend = KillingPostgres(config["store"], schema=config["schema"], pool_min=0, pool_max=2)
     runtime = Runtime(thread_pool_size=4, state_backend=backend, registry=registry)
