@@ -992,15 +992,19 @@ class CrashOnce(SQLiteBackend):
         return await super().write_checkpoint(checkpoint)
 
 
+#: A runner of ``background_pipeline`` as pipeline p 1.0.0, background tasks in local mode.
+LOCAL_OPTIONS: dict[str, Any] = {
+    "context_model": Ctx,
+    "pipeline_name": "p",
+    "pipeline_version": "1.0.0",
+    "background_mode": "local",
+}
+
+
 async def test_relaunching_a_background_step_creates_no_second_task(tmp_path: Path) -> None:
     calls: list[Any] = []
     pipeline = background_pipeline(calls)
-    options: dict[str, Any] = {
-        "context_model": Ctx,
-        "pipeline_name": "p",
-        "pipeline_version": "1.0.0",
-        "background_mode": "local",
-    }
+    options = LOCAL_OPTIONS
     crashing = CrashOnce(tmp_path / "runs.db", "report")
     runner = Flujo(pipeline, state_backend=crashing, **options)
     with pytest.raises(StateBackendError):
@@ -1033,12 +1037,7 @@ async def test_a_local_task_that_never_ran_is_run_when_its_parent_is_run_again(
     will take it), and runs it."""
     calls: list[Any] = []
     pipeline = background_pipeline(calls)
-    options: dict[str, Any] = {
-        "context_model": Ctx,
-        "pipeline_name": "p",
-        "pipeline_version": "1.0.0",
-        "background_mode": "local",
-    }
+    options = LOCAL_OPTIONS
     crashing = CrashOnce(tmp_path / "runs.db", "report")
     runner = Flujo(pipeline, state_backend=crashing, **options)
     monkeypatch.setattr(runner, "_spawn_background", lambda work, task_id: work.close())
