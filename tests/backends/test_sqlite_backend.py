@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -424,3 +426,50 @@ async def test_deletes_leave_no_rows_behind(sqlite_backend: SQLiteBackend, db_pa
         row[0] for table in tables for row in _rows(db_path, f"SELECT DISTINCT run_id FROM {table}")
     }
     assert left == {"r2", "r3"}
+
+
+class _LockedAtFirst:
+    """A connection whose first ``locked`` calls of ``PRAGMA journal_mode`` fail as SQLite
+    fails them while another process switches a new file to WAL."""
+
+    def __init__(self, locked: int) -> None:
+        self.locked = locked
+        self.calls = 0
+
+    def execute(self, sql: str) -> None:
+        self.calls += 1
+        if self.calls <= self.locked:
+            raise sqlite3.OperationalError("database is locked")
+
+
+def test_switching_to_wal_waits_for_another_process(tmp_path: Path) -> None:
+    backend = SQLiteBackend(tmp_path / "new.db", busy_timeout_s=5.0)
+    conn = _LockedAtFirst(locked=3)
+    backend._enter_wal(conn)  # type: ignore[arg-type]
+    assert conn.calls == 4
+
+
+def test_switching_to_wal_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
+    backend = SQLiteBackend(tmp_path / "new.db", busy_timeout_s=0.05)
+    with pytest.raises(StateBackendError, match="database is locked"):
+        backend._enter_wal(_LockedAtFirst(locked=10**9))  # type: ignore[arg-type]
+
+
+def test_many_processes_open_a_new_store_at_once(tmp_path: Path) -> None:
+    """Eight processes create the same new store at the same moment: all of them open it."""
+    script = (
+        "import asyncio, sys\n"
+        "from flujo.state import SQLiteBackend\n"
+        "asyncio.run(SQLiteBackend(sys.argv[1]).migrate())\n"
+    )
+    for trial in range(3):
+        path = tmp_path / f"new-{trial}.db"
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(path)], stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(8)
+        ]
+        for process in processes:
+            _, err = process.communicate(timeout=60)
+            assert process.returncode == 0, err

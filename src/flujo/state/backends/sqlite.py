@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -276,7 +277,7 @@ class SQLiteBackend(StateBackend):
         except sqlite3.Error as exc:
             raise StateBackendError(f"cannot open SQLite store {self.path}: {exc}") from exc
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._enter_wal(conn)
             # A literal from a fixed set, checked in __init__; pragmas cannot take parameters.
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             self._applied = self._migrate(conn)
@@ -284,6 +285,22 @@ class SQLiteBackend(StateBackend):
             conn.close()
             raise
         return conn
+
+    def _enter_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the store in WAL mode. Switching a new file to WAL takes an exclusive lock, and
+        SQLite reports a concurrent switch (several processes opening a new store at once) as
+        "database is locked" without waiting: retry for up to ``busy_timeout_s``."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise StateBackendError(f"cannot open SQLite store {self.path}: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
 
     def _migrate(self, conn: sqlite3.Connection) -> list[int]:
         """Apply the migrations the store lacks, in one transaction; return their numbers."""
