@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from flujo.application.background import KIND, PARENT, STEP
 from flujo.domain.models import StepResult, build_history
-from flujo.domain.usage import NO_USAGE, Usage
+from flujo.domain.usage import NO_USAGE, StoredUsage
 from flujo.exceptions import (
     ConfigurationError,
     PipelineMismatchError,
@@ -51,7 +51,7 @@ class TaskSummary(BaseModel):
     error: dict[str, Any] | None = None
     """Why the run failed, paused or was cancelled: ``{"type", "message", "step"}`` (and
     ``"path"`` for a pause)."""
-    usage: Usage = NO_USAGE
+    usage: StoredUsage = NO_USAGE
     """What the run's agent calls used so far (requests, tokens, cost)."""
     queue: str | None = None
     """The queue of a run submitted to workers (None for an in-process run)."""
@@ -60,13 +60,6 @@ class TaskSummary(BaseModel):
     """The worker running it, while one holds its lease."""
     lease_expires_at: datetime | None = None
     cancel_requested: bool = False
-
-    @field_validator("usage", mode="before")
-    @classmethod
-    def _usage(cls, value: Any) -> Any:
-        if value is None or isinstance(value, dict):
-            return Usage.from_dict(value)
-        return value
 
     @property
     def pause_path(self) -> list[int | str] | None:

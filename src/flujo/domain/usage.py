@@ -20,9 +20,9 @@ import math
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from flujo.exceptions import UsageLimitExceededError
 
@@ -33,6 +33,7 @@ __all__ = [
     "NO_USAGE",
     "RunMeter",
     "StepMeter",
+    "StoredUsage",
     "Usage",
     "UsageLimits",
     "check_usage_limits",
@@ -111,6 +112,17 @@ class Usage:
 
 #: No usage (shared: a Usage never changes).
 NO_USAGE = Usage()
+
+
+def _usage_from_data(value: Any) -> Any:
+    if value is None or isinstance(value, dict):
+        return Usage.from_dict(value)
+    return value
+
+
+StoredUsage = Annotated[Usage, BeforeValidator(_usage_from_data)]
+"""A pydantic field type: a :class:`Usage`, also read from its stored form (a dict, or None
+for no usage)."""
 
 
 def _count(value: Any) -> int:

@@ -6,9 +6,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from flujo.domain.usage import NO_USAGE, Usage
+from flujo.domain.usage import NO_USAGE, StoredUsage
 
 __all__ = ["Evaluation", "WorkflowState"]
 
@@ -94,14 +94,7 @@ class Evaluation(BaseModel):
     """Why, in the judge's words (scrubbed when PII scrubbing is on)."""
     judge: str = ""
     """Which judge scored it (its name or model)."""
-    usage: Usage = NO_USAGE
+    usage: StoredUsage = NO_USAGE
     """What the judge's own calls used (not counted in the run's usage or limits)."""
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     """When the score was written."""
-
-    @field_validator("usage", mode="before")
-    @classmethod
-    def _usage(cls, value: Any) -> Any:
-        if value is None or isinstance(value, dict):
-            return Usage.from_dict(value)
-        return value

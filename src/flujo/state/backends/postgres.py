@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -1055,10 +1055,7 @@ class PostgresBackend(StateBackend):
             return []
         clauses: list[str] = []
         params: list[Any] = []
-
-        def bind(value: Any) -> str:
-            params.append(value)
-            return f"${len(params)}"
+        bind = _binder(params)
 
         if run_id is not None:
             clauses.append(f"run_id = {bind(run_id)}")
@@ -1147,10 +1144,7 @@ class PostgresBackend(StateBackend):
             return []  # Postgres text and JSONB cannot hold NUL: nothing stored can match
         clauses: list[str] = []
         params: list[Any] = []
-
-        def bind(value: Any) -> str:
-            params.append(value)
-            return f"${len(params)}"
+        bind = _binder(params)
 
         if status is not None:
             clauses.append(f"status = {bind(status)}")
@@ -1285,6 +1279,16 @@ def _advance_many_args(cp: Checkpoint, expected: int, version: int) -> tuple[Any
         list(cp.context.values()),
         cp.usage,
     )
+
+
+def _binder(params: list[Any]) -> Callable[[Any], str]:
+    """``bind(value)``: append ``value`` to ``params`` and return its placeholder (``$n``)."""
+
+    def bind(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    return bind
 
 
 def _holds_nul(*values: object) -> bool:
